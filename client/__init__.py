@@ -1,0 +1,1 @@
+"""What runs at a hospital: data preparation, local training, evaluation and the Flower ClientApp."""

@@ -1,0 +1,1 @@
+"""Shared by hospitals and the coordinating center: DICOM reading, model, statistics, configuration."""

@@ -1,0 +1,91 @@
+"""The `fedmammo` command: one parser, each subcommand's work in the module that owns it.
+
+Handlers are imported only when their subcommand runs, so `fedmammo stats` or `--help` does not pay for
+importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+HANDLERS = {
+    "synth": "common.synth.command:run",
+    "check": "client.check:run",
+    "train": "client.train:run",
+    "predict": "client.predict:run",
+    "stats": "common.stats.command:run",
+}
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"counts must be >= 0, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedmammo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a realistic synthetic multi-site DICOM cohort")
+    p.add_argument("out", help="output folder; one subfolder per site")
+    p.add_argument("--config", help="TOML file whose [synth] section gives the defaults")
+    p.add_argument("--sites", type=int, help="number of sites (default 3)")
+    p.add_argument("--train", type=_counts, help="training exams per site, e.g. 380,40,40")
+    p.add_argument("--val", type=_counts, help="validation exams per site (default 15%% of train, >= 4)")
+    p.add_argument("--test", type=_counts, help="test exams per site")
+    p.add_argument("--seed", type=int, help="random seed; the same seed writes the same files")
+    p.add_argument("--scale", type=float, help="matrix size relative to the real detector (default 0.125)")
+    p.add_argument("--reader", action="append", metavar="NAME=SENS/SPEC",
+                   help="simulated reader with its sensitivity and specificity (repeatable; "
+                        "default: the study's two senior and two junior radiologists)")
+
+    p = sub.add_parser("check", help="inventory a site folder before it joins a federation")
+    p.add_argument("dir", help="site folder: DICOM files (any depth) and labels.csv")
+    p.add_argument("--config", help="TOML config ([data] section)")
+    p.add_argument("--json", help="write the full report as JSON here")
+
+    p = sub.add_parser("train", help="train the model locally on one or more site folders")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="site folder(s); several are pooled")
+    p.add_argument("--config", help="TOML config ([data], [model], [train])")
+    p.add_argument("--out", default="runs/local", help="output folder (default runs/local)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+
+    p = sub.add_parser("predict", help="score a site's exams with trained weights")
+    p.add_argument("dir", help="site folder")
+    p.add_argument("--weights", required=True, help="safetensors checkpoint")
+    p.add_argument("--config", help="TOML config; must match the one the weights were trained with")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--json", help="write per-exam predictions as JSON here")
+
+    p = sub.add_parser("stats", help="reader-study statistics of a case table (AUC, DeLong, subgroups)")
+    p.add_argument("cases", help="CSV with one row per case")
+    p.add_argument("--truth", required=True, help="truth column (0/1 or benign/malignant)")
+    p.add_argument("--rater", action="append", help="rater column (repeatable; default: all numeric)")
+    p.add_argument("--subgroup", action="append", help="column that splits every table (repeatable)")
+    p.add_argument("--threshold", action="append", metavar="COLUMN=VALUE", help="positive at score >= VALUE")
+    p.add_argument("--compare", action="append", metavar="A:B", help="pair to compare (default: all)")
+    p.add_argument("--json", required=True, help="output JSON")
+    p.add_argument("--report", help="folder for Markdown/CSV tables and the ROC figure")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, _, func = HANDLERS[args.command].partition(":")
+    handler = getattr(importlib.import_module(module), func)
+    try:
+        return int(handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Configuration of one site's data, model and training, read from a TOML file.
+
+Every setting has a default, so a site can run with no file at all; a file only overrides what it names,
+and an unknown section or key is an error (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class DataConfig:
+    image_size: tuple[int, int] = (256, 192)
+    """Height and width of each view after crop, aspect-kept resize and padding."""
+    bilateral: bool = False
+    """Also feed the contralateral breast's CC and MLO (asymmetry is a left–right comparison)."""
+    decode_timeout_s: float = 120.0
+    """A file whose decoding takes longer is rejected, so a run never hangs on one file."""
+    workers: int = 0
+    """Processes decoding DICOM in parallel; 0 = one per CPU core."""
+    cache_dir: str | None = None
+    """Where preprocessed views are cached; default: `<output>/cache`."""
+
+
+@dataclass
+class ModelConfig:
+    norm: str = "batch"
+    """`batch` (torchvision's DenseNet) or `group` (GroupNorm, needed for DP-SGD)."""
+    pretrained: str | None = None
+    """Local file with torchvision's ImageNet `densenet121` state dict; random init when unset."""
+    memory_efficient: bool = False
+    """DenseNet's checkpointed concatenation: less memory, more time (not with DP-SGD)."""
+    dropout: float = 0.2
+    birads_loss_weight: float = 0.3
+    """Weight of the BI-RADS cross-entropy next to the malignancy loss."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "auto"
+    """`auto` (CUDA when present), `cuda`, `cuda:N` or `cpu`."""
+    precision: str = "auto"
+    """`auto` (bf16/fp16 autocast on CUDA, fp32 on CPU), `fp32`, `bf16` or `fp16`."""
+    augment: bool = True
+    balance: str = "pos_weight"
+    """Class-imbalance handling: `pos_weight` (loss weight n_neg/n_pos), `sampler` or `none`."""
+    threshold: float = 50.0
+    """Malignancy score (0–100) at or above which an exam counts as positive."""
+    num_threads: int = 0
+    """CPU threads for torch; 0 = torch's default."""
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic multi-site cohort that `fedmammo synth` and the demo generate."""
+
+    sites: int = 3
+    train: list[int] = field(default_factory=lambda: [60, 60, 60])
+    """Training exams per site."""
+    val: list[int] | None = None
+    """Validation exams per site; default: 15% of train, at least 4."""
+    test: list[int] = field(default_factory=lambda: [40, 40, 40])
+    seed: int = 0
+    scale: float = 0.125
+    """Matrix size relative to each vendor's real detector (1.0 = full size, ~20 MB a file)."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        if name == "image_size":
+            if not (isinstance(value, list | tuple) and len(value) == 2 and all(int(v) >= 32 for v in value)):
+                raise ValueError(f"{where}.image_size must be [height, width], each >= 32; got {value!r}")
+            value = (int(value[0]), int(value[1]))
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> Config:
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - set(sections))
+    if unknown:
+        raise ValueError(f"{source}: unknown section(s) {', '.join(unknown)}; known: {', '.join(sections)}")
+    defaults = Config()
+    parts = {
+        name: _build(type(getattr(defaults, name)), values.get(name, {}), f"{source} [{name}]")
+        for name in sections
+    }
+    return Config(**parts)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read a TOML config; `None` gives the defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        values = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read config: {exc}") from exc
+    return config_from_dict(values, str(path))

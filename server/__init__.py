@@ -1,0 +1,1 @@
+"""What runs at the coordinating center: aggregation and federated evaluation."""
