@@ -8,7 +8,14 @@ kept as text and analysed by `common.stats`.
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.exams import Rejection
 
 REQUIRED_COLUMNS = (
     "patient_id", "study_uid", "laterality", "pathology", "birads", "density", "symptomatic", "split",
@@ -41,3 +48,93 @@ class ExamLabel:
     def dense(self) -> bool:
         """BI-RADS density c/d, as the study splits its subgroups."""
         return self.density in ("c", "d")
+
+
+class LabelsError(ValueError):
+    """labels.csv as a whole cannot be used (missing, unreadable, required columns absent)."""
+
+
+_CHOICES = {
+    "laterality": ("L", "R"),
+    "pathology": ("benign", "malignant"),
+    "density": ("a", "b", "c", "d"),
+    "symptomatic": ("0", "1"),
+    "split": SPLITS,
+}
+_BIRADS = {"2": 2, "3": 3, "4": 4, "4A": 4, "4B": 4, "4C": 4, "5": 5}
+
+
+def _parse_row(row: dict[str, str], readers: list[str]) -> ExamLabel:
+    """One row as an ExamLabel; ValueError names the first bad column."""
+    values = {column: (row.get(column) or "").strip() for column in REQUIRED_COLUMNS}
+    for column in ("patient_id", "study_uid"):
+        if not values[column]:
+            raise ValueError(f"column {column}: empty")
+    for column, choices in _CHOICES.items():
+        value = values[column].upper() if column == "laterality" else values[column].lower()
+        if value not in choices:
+            raise ValueError(f"column {column}: {values[column]!r} is not one of {', '.join(choices)}")
+        values[column] = value
+    birads = _BIRADS.get(values["birads"].upper())
+    if birads is None:
+        raise ValueError(f"column birads: {values['birads']!r} is not a BI-RADS category 2, 3, 4 (4A/4B/4C) "
+                         "or 5")
+    return ExamLabel(
+        patient_id=values["patient_id"],
+        study_uid=values["study_uid"],
+        laterality=values["laterality"],
+        malignant=values["pathology"] == "malignant",
+        birads=birads,
+        density=values["density"],
+        symptomatic=values["symptomatic"] == "1",
+        split=values["split"],
+        readers={name: (row.get(name) or "").strip() for name in readers},
+    )
+
+
+def read_labels(path: str | Path) -> tuple[dict[str, ExamLabel], list[Rejection]]:
+    """Read a site's labels CSV, row by row: every bad row becomes a rejection naming `labels.csv:LINE` and
+    the column, and the rest are kept. Comma-, semicolon- or tab-separated (spreadsheet exports), UTF-8
+    with or without a byte-order mark. Raises LabelsError when the file as a whole is unusable."""
+    from common.exams import Rejection  # common.exams imports this module: importing it here avoids a cycle
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LabelsError(f"{path}: cannot read the labels file: {exc}") from exc
+    lines = text.splitlines()
+    if not lines or not lines[0].strip():
+        raise LabelsError(f"{path}: empty; its first line must name the columns "
+                          f"{', '.join(REQUIRED_COLUMNS)}")
+    try:
+        dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(lines[0], delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    reader = csv.DictReader(io.StringIO(text), dialect=dialect)
+    columns = [c.strip() for c in reader.fieldnames or []]
+    reader.fieldnames = columns
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise LabelsError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(columns)})")
+    readers = [c for c in columns if c and c not in REQUIRED_COLUMNS]
+
+    labels: dict[str, ExamLabel] = {}
+    lines_of: dict[str, int] = {}
+    rejections = []
+    for row in reader:
+        where = f"{path.name}:{reader.line_num}"
+        if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+            continue  # blank line
+        try:
+            label = _parse_row(row, readers)
+        except ValueError as exc:
+            rejections.append(Rejection(where, f"invalid label row: {exc}"))
+            continue
+        if label.exam_id in labels:
+            rejections.append(Rejection(where, f"invalid label row: exam {label.exam_id} is already labelled "
+                                               f"at {path.name}:{lines_of[label.exam_id]}"))
+            continue
+        labels[label.exam_id] = label
+        lines_of[label.exam_id] = reader.line_num
+    return labels, rejections

@@ -1,0 +1,114 @@
+"""`fedmammo check DIR`: what a site runs before joining a federation.
+
+It prepares the site exactly as training does (`client.prepare.prepare_site`, so what check accepts is what
+training uses) and reports: files and exams found, complete and usable; label balance per split; every
+rejected file, label row or exam with its reason. Exit status 0 when some exam is usable, 1 when none is,
+2 when the folder, its labels file or the config cannot be used at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from client.prepare import PreparedSite, prepare_site
+from common.checkpoint import write_atomic
+from common.config import load_config
+from common.labels import SPLITS
+
+DENSITIES = ("a", "b", "c", "d")
+
+
+def split_table(site: PreparedSite) -> dict[str, dict[str, Any]]:
+    """Per split: exams, benign/malignant, density a–d and symptomatic counts of the usable exams."""
+    table = {}
+    for split in SPLITS:
+        labels = [label for label in site.labels if label.split == split]
+        density = Counter(label.density for label in labels)
+        table[split] = {
+            "exams": len(labels),
+            "benign": sum(not label.malignant for label in labels),
+            "malignant": sum(label.malignant for label in labels),
+            "density": {d: density[d] for d in DENSITIES},
+            "symptomatic": sum(label.symptomatic for label in labels),
+        }
+    return table
+
+
+def warnings_of(splits: dict[str, dict[str, Any]]) -> list[str]:
+    """What will make training or evaluation weak even though exams are usable."""
+    out = []
+    for split, row in splits.items():
+        if row["exams"] and not (row["benign"] and row["malignant"]):
+            out.append(f"split {split} has {row['benign']} benign and {row['malignant']} malignant exams: "
+                       "its AUC cannot be computed")
+    if not splits["train"]["exams"]:
+        out.append("no usable training exams: this site cannot train")
+    return out
+
+
+def report(site: PreparedSite, root: Path) -> dict[str, Any]:
+    """Everything check found, as JSON-ready data."""
+    splits = split_table(site)
+    return {
+        "site": site.name,
+        "folder": str(root.resolve()),
+        "counts": site.counts,
+        "splits": splits,
+        "warnings": warnings_of(splits),
+        "exams": [{"exam_id": e, "split": label.split, "malignant": label.malignant}
+                  for e, label in zip(site.exam_ids, site.labels, strict=True)],
+        "rejections": [{"source": r.source, "kind": r.kind, "reason": r.reason} for r in site.rejections],
+    }
+
+
+def summary(data: dict[str, Any]) -> str:
+    """The report as text for a person."""
+    counts = data["counts"]
+    lines = [
+        f"Site {data['site']} ({data['folder']})",
+        f"Files: {counts['files']} read, {counts['views']} mammography views",
+        f"Exams: {counts['exams_labelled']} labelled, {counts['exams_complete']} complete (CC + MLO), "
+        f"{counts['exams_usable']} usable",
+        "",
+        "| split | exams | benign | malignant | density a/b/c/d | symptomatic |",
+        "|---|---|---|---|---|---|",
+    ]
+    for split, row in data["splits"].items():
+        density = "/".join(str(row["density"][d]) for d in DENSITIES)
+        lines.append(f"| {split} | {row['exams']} | {row['benign']} | {row['malignant']} | {density} | "
+                     f"{row['symptomatic']} |")
+    lines += [f"warning: {w}" for w in data["warnings"]]
+    rejections = data["rejections"]
+    lines += ["", f"Rejected: {len(rejections)}"]
+    for kind, n in Counter(r["kind"] for r in rejections).most_common():
+        lines.append(f"  {kind}: {n}")
+    for r in rejections:
+        lines.append(f"  {r['source']}: {r['reason']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    try:
+        config = load_config(args.config)
+        site = prepare_site(root, config, progress=sys.stderr.isatty())
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    data = report(site, root)
+    print(summary(data))
+    if args.json:
+        try:
+            write_atomic(Path(args.json), json.dumps(data, indent=2) + "\n")
+        except OSError as exc:
+            print(f"error: {args.json}: cannot write the report: {exc}", file=sys.stderr)
+            return 2
+    if not site.exam_ids:
+        print(f"error: {root}: no usable exam", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,295 @@
+"""A site folder read into memory: every usable exam's preprocessed views and labels.
+
+One code path serves `fedmammo check`, training and prediction, so that what check accepts is what training
+uses: labels.csv → every file's header → views whose laterality only the pixels tell are decoded first →
+exams paired → every view decoded and preprocessed → arrays.
+
+Decoding runs in worker processes, one file at a time each, so that a file that hangs or crashes a codec
+costs only its worker: after `decode_timeout_s` the worker is killed and replaced and the file rejected.
+Workers come from a fork server, not a plain fork: the parent may run threads (torch, Flower) that a fork
+would copy in a broken state. As with `spawn`, a script that calls `prepare_site` must guard its entry
+point with `if __name__ == "__main__":` (workers import the main module).
+
+Preprocessed views are cached per file (key: path, size, modification time, image size, `CACHE_VERSION`)
+and written atomically, so a second run and every federated round skip decoding. A file's rejection is
+cached too, except a time-out, which may have been a busy machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from common.checkpoint import write_atomic
+from common.config import Config
+from common.dicom import DicomError, read_view
+from common.exams import LABELS_FILE, Exam, Rejection, pair_exams, scan_site
+from common.labels import ExamLabel, read_labels
+from common.preprocess import preprocess_view
+
+CACHE_VERSION = 1
+"""Bump when reading or preprocessing changes what a cached view holds."""
+_START_TIMEOUT_S = 300.0
+"""A worker that is not ready by then means a broken installation, not a bad file."""
+
+Decoded = tuple[str, np.ndarray] | str
+"""A decoded view, (laterality, float16 (H, W) model input), or the reason it was rejected."""
+
+
+@dataclass
+class PreparedSite:
+    name: str
+    exam_ids: list[str]
+    views: np.ndarray
+    """(N, V, H, W) float16 in [0, 1]; V = CC, MLO (+ contralateral CC, MLO when bilateral)."""
+    labels: list[ExamLabel]
+    rejections: list[Rejection] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    """Inventory for reports: files, views (mammography views read), exams_labelled, exams_complete
+    (CC and MLO found), exams_usable."""
+
+    def split(self, name: str) -> PreparedSite:
+        """The exams of one split ('train', 'val', 'test'; 'all' keeps every exam)."""
+        keep = [i for i, label in enumerate(self.labels) if name == "all" or label.split == name]
+        return replace(self, exam_ids=[self.exam_ids[i] for i in keep], views=self.views[keep],
+                       labels=[self.labels[i] for i in keep])
+
+    @property
+    def malignant(self) -> np.ndarray:
+        return np.array([label.malignant for label in self.labels], dtype=np.int64)
+
+    @property
+    def birads(self) -> np.ndarray:
+        return np.array([label.birads for label in self.labels], dtype=np.int64)
+
+
+def decode_view(path: Path, size: tuple[int, int]) -> Decoded:
+    """Read and preprocess one file; any failure becomes its reason, so that one file never stops a site."""
+    try:
+        view = read_view(path)
+        return view.laterality, preprocess_view(view.pixels, size).astype(np.float16)
+    except DicomError as exc:
+        return exc.reason
+    except MemoryError:
+        return "pixel data unreadable: out of memory while decoding"
+    except Exception as exc:  # a codec or numpy failure on odd data
+        return f"pixel data unreadable: {type(exc).__name__}: {exc}"
+
+
+def _worker(conn: Connection, size: tuple[int, int]) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the parallelism is the processes
+    conn.send("ready")
+    try:
+        while (path := conn.recv()) is not None:
+            conn.send(decode_view(path, size))
+    except (EOFError, KeyboardInterrupt):
+        pass
+
+
+class _Worker:
+    """One decoding process and the file it is working on."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["torch", __name__])
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_worker, args=(child, size), daemon=True)
+        self.process.start()
+        child.close()
+        self.path: Path | None = None
+        self.deadline = 0.0
+        try:
+            if self.conn.poll(_START_TIMEOUT_S) and self.conn.recv() == "ready":
+                return
+        except (EOFError, OSError):
+            pass
+        self.kill()
+        raise RuntimeError(f"a decoding worker failed to start (exit code {self.process.exitcode})")
+
+    def send(self, path: Path, timeout: float) -> None:
+        self.path, self.deadline = path, time.monotonic() + timeout
+        self.conn.send(path)
+
+    def outcome(self, ready: list[object], now: float, timeout: float) -> tuple[Decoded, bool] | None:
+        """(result, whether the worker can go on), or None while it is still working."""
+        if self.conn in ready:
+            try:
+                return self.conn.recv(), True
+            except (EOFError, OSError):
+                pass
+        elif self.process.sentinel not in ready:
+            if now < self.deadline:
+                return None
+            return f"decoding timed out: still decoding after {timeout:g} s", False
+        self.process.join()
+        return f"pixel data unreadable: the decoder process died (exit code {self.process.exitcode})", False
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+
+def decode_files(paths: Sequence[Path], size: tuple[int, int], workers: int, timeout: float,
+                 progress: bool = False, desc: str = "decoding") -> dict[Path, Decoded]:
+    """Decode `paths` in `workers` processes (0 = one per CPU core this process may use); a file still
+    decoding after `timeout` seconds, or whose worker dies, is rejected and its worker replaced."""
+    results: dict[Path, Decoded] = {}
+    todo = deque(paths)
+    idle: list[_Worker] = []
+    busy: list[_Worker] = []
+    bar = tqdm(total=len(todo), desc=desc, unit="file", disable=not progress)
+    try:
+        idle += [_Worker(size) for _ in range(min(workers or len(os.sched_getaffinity(0)), len(todo)))]
+        while todo or busy:
+            while idle and todo:
+                worker = idle.pop()
+                try:
+                    worker.send(todo[0], timeout)
+                except OSError:  # it died while idle (e.g. killed for memory): replace it
+                    worker.kill()
+                    idle.append(_Worker(size))
+                    continue
+                todo.popleft()
+                busy.append(worker)
+            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy],
+                         timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
+            now = time.monotonic()
+            for worker in list(busy):
+                outcome = worker.outcome(ready, now, timeout)
+                if outcome is None:
+                    continue
+                busy.remove(worker)
+                results[worker.path], healthy = outcome
+                bar.update()
+                if healthy:
+                    idle.append(worker)
+                else:
+                    worker.kill()
+                    if todo:
+                        idle.append(_Worker(size))
+    finally:
+        bar.close()
+        for worker in idle + busy:
+            worker.kill()
+    return results
+
+
+class _Cache:
+    """Decoded views on disk, one .npz per file and image size."""
+
+    def __init__(self, folder: Path | None, size: tuple[int, int]) -> None:
+        self.folder, self.size = folder, size
+
+    def _file(self, path: Path) -> Path | None:
+        if self.folder is None:
+            return None
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{self.size}\0{CACHE_VERSION}"
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()}.npz"
+
+    def load(self, path: Path) -> Decoded | None:
+        file = self._file(path)
+        if file is None or not file.exists():
+            return None
+        try:
+            with np.load(file) as data:
+                if "reason" in data:
+                    return str(data["reason"])
+                pixels = data["pixels"]
+                if pixels.shape != self.size or pixels.dtype != np.float16:
+                    return None
+                return str(data["laterality"]), pixels
+        except Exception:  # a damaged entry (disk full, foreign file): decode again
+            return None
+
+    def store(self, path: Path, result: Decoded) -> None:
+        file = self._file(path)
+        if file is None or (isinstance(result, str) and result.startswith("decoding timed out")):
+            return
+        buffer = io.BytesIO()
+        if isinstance(result, str):
+            np.savez(buffer, reason=np.array(result))
+        else:
+            np.savez(buffer, laterality=np.array(result[0]), pixels=result[1])
+        write_atomic(file, buffer.getvalue())
+
+
+def _decode(paths: Sequence[Path], config: Config, cache: _Cache, progress: bool,
+            desc: str) -> dict[Path, Decoded]:
+    results = {p: r for p in paths if (r := cache.load(p)) is not None}
+    todo = [p for p in paths if p not in results]
+    decoded = decode_files(todo, config.data.image_size, config.data.workers, config.data.decode_timeout_s,
+                           progress, desc)
+    for path, result in decoded.items():
+        cache.store(path, result)
+    return results | decoded
+
+
+def prepare_site(root: Path, config: Config, cache_dir: str | Path | None = None,
+                 progress: bool = True) -> PreparedSite:
+    """Read a site folder (labels.csv + DICOM at any depth) into arrays; see the module docstring.
+
+    The cache lives in `config.data.cache_dir` if set, else in `cache_dir` (the caller's default, e.g.
+    `<output>/cache`); with neither, nothing is cached. Raises ValueError when the folder or its labels
+    file as a whole is unusable; everything smaller is a rejection in the result.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a folder")
+    folder = config.data.cache_dir or cache_dir
+    cache = _Cache(Path(folder) if folder else None, config.data.image_size)
+    labels, rejections = read_labels(root / LABELS_FILE)
+    headers, rejected = scan_site(root, skip=[cache.folder] if cache.folder else [], progress=progress)
+    files = len(headers) + len(rejected)  # every file is a header or a rejection
+    rejections += rejected
+
+    unknown = [h.path for h in headers if h.laterality is None]
+    decoded = _decode(unknown, config, cache, progress, f"{root.name}: laterality from pixels")
+    resolved = []
+    for header in headers:
+        result = decoded.get(header.path)
+        if isinstance(result, str):
+            rejections.append(Rejection(str(header.path), result))
+        else:
+            resolved.append(header if result is None else replace(header, laterality=result[0]))
+
+    exams, rejected = pair_exams(resolved, labels, config.data.bilateral)
+    rejections += rejected
+    needed = sorted({p for exam in exams for p in exam.paths} - set(decoded))
+    decoded |= _decode(needed, config, cache, progress, f"{root.name}: decoding")
+    rejections += [Rejection(str(p), r) for p in needed if isinstance(r := decoded[p], str)]
+
+    usable: list[Exam] = []
+    for exam in exams:
+        failed = [str(p) for p in exam.paths if isinstance(decoded[p], str)]
+        if failed:
+            reason = f"incomplete exam: view(s) rejected: {', '.join(failed)}"
+            rejections.append(Rejection(exam.exam_id, reason))
+        else:
+            usable.append(exam)
+
+    views = np.zeros((len(usable), 4 if config.data.bilateral else 2, *config.data.image_size), np.float16)
+    for i, exam in enumerate(usable):
+        for j, path in enumerate(exam.paths):
+            views[i, j] = decoded[path][1]
+    counts = {"files": files, "views": len(headers), "exams_labelled": len(labels),
+              "exams_complete": len(exams), "exams_usable": len(usable)}
+    return PreparedSite(root.name, [e.exam_id for e in usable], views, [e.label for e in usable],
+                        rejections, counts)

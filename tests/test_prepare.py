@@ -1,0 +1,180 @@
+"""client.prepare.prepare_site: a site folder into arrays, with worker processes, time-outs and a cache."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dicom_factory import mg_dataset, save, view_file, write_exam, write_labels, write_site
+from pydicom.uid import JPEG2000Lossless
+
+import client.prepare as prepare
+from client.prepare import prepare_site
+from common.config import Config
+from common.dicom import read_view
+from common.preprocess import preprocess_view
+
+SIZE = (64, 48)
+
+
+def _config(**data: object) -> Config:
+    config = Config()
+    config.data.image_size = SIZE
+    config.data.workers = 2
+    for key, value in data.items():
+        setattr(config.data, key, value)
+    return config
+
+
+def _file(root: Path, patient: str, laterality: str, view: str) -> Path:
+    (path,) = (root / patient).glob(f"{laterality}_{view}_*.dcm")
+    return path
+
+
+def _expected(path: Path) -> np.ndarray:
+    return preprocess_view(read_view(path).pixels, SIZE).astype(np.float16)
+
+
+def test_every_exam_in_label_order_with_its_views(tmp_path: Path) -> None:
+    root = tmp_path / "hospital"
+    rows = write_site(root, 6)
+    site = prepare_site(root, _config(), progress=False)
+    assert site.name == "hospital"
+    assert site.exam_ids == [f"{r['study_uid']}_{r['laterality']}" for r in rows]
+    assert site.views.shape == (6, 2, *SIZE) and site.views.dtype == np.float16
+    assert float(site.views.min()) >= 0.0 and float(site.views.max()) <= 1.0
+    np.testing.assert_array_equal(site.views[1, 0], _expected(_file(root, "P001", "R", "CC")))
+    np.testing.assert_array_equal(site.views[1, 1], _expected(_file(root, "P001", "R", "MLO")))
+    assert site.malignant.tolist() == [1, 0, 0, 1, 0, 0]
+    assert site.birads.tolist() == [5, 3, 3, 5, 3, 3]
+    assert site.rejections == []
+    assert site.counts == {"files": 12, "views": 12, "exams_labelled": 6, "exams_complete": 6,
+                           "exams_usable": 6}
+    train = site.split("train")
+    assert train.exam_ids == [site.exam_ids[0], site.exam_ids[3]]
+    np.testing.assert_array_equal(train.views[1], site.views[3])
+    assert train.malignant.tolist() == [1, 1] and len(site.split("all").exam_ids) == 6
+
+
+def test_bilateral_adds_the_contralateral_views(tmp_path: Path) -> None:
+    root = tmp_path / "site"
+    write_site(root, 3, bilateral=True)
+    site = prepare_site(root, _config(bilateral=True), progress=False)
+    assert site.views.shape == (3, 4, *SIZE)
+    np.testing.assert_array_equal(site.views[0, 2], _expected(_file(root, "P000", "R", "CC")))
+    np.testing.assert_array_equal(site.views[0, 3], _expected(_file(root, "P000", "R", "MLO")))
+    ipsilateral = prepare_site(root, _config(), progress=False)
+    assert ipsilateral.views.shape == (3, 2, *SIZE) and ipsilateral.rejections == []
+
+
+def test_laterality_from_the_pixels_pairs_untagged_views(tmp_path: Path) -> None:
+    root = tmp_path / "site"
+    write_exam(root, "1.2.3", "R", laterality_tag=None, orientation=None)
+    write_labels(root, [{"patient_id": "P1", "study_uid": "1.2.3", "laterality": "R", "pathology": "benign",
+                         "birads": "2", "density": "b", "symptomatic": "0", "split": "test"}])
+    site = prepare_site(root, _config(), progress=False)
+    assert site.exam_ids == ["1.2.3_R"] and site.rejections == []
+
+
+def test_cache_skips_decoding_and_follows_changed_files(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    root, cache = tmp_path / "site", tmp_path / "cache"
+    write_site(root, 3)
+    first = prepare_site(root, _config(), cache_dir=cache, progress=False)
+    assert len(list(cache.glob("*.npz"))) == 6 and not list(cache.glob(".*"))  # no temp files left
+
+    decoded: list[Path] = []
+    real = prepare.decode_files
+
+    def spy(paths: list[Path], *args: object, **kwargs: object) -> dict:
+        decoded.extend(paths)
+        return real(paths, *args, **kwargs)
+
+    monkeypatch.setattr(prepare, "decode_files", spy)
+    second = prepare_site(root, _config(), cache_dir=cache, progress=False)
+    assert decoded == []
+    np.testing.assert_array_equal(second.views, first.views)
+
+    changed = _file(root, "P001", "R", "MLO")
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    prepare_site(root, _config(), cache_dir=cache, progress=False)
+    assert decoded == [changed]
+
+    elsewhere = tmp_path / "configured"
+    prepare_site(root, _config(cache_dir=str(elsewhere)), cache_dir=cache, progress=False)
+    assert len(list(elsewhere.glob("*.npz"))) == 6  # config.data.cache_dir wins over the caller's default
+
+
+def test_a_rejected_file_is_cached_with_its_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, cache = tmp_path / "site", tmp_path / "cache"
+    write_site(root, 1)
+    cc = _file(root, "P000", "L", "CC")
+    cc.write_bytes(cc.read_bytes()[:-1000])
+    first = prepare_site(root, _config(), cache_dir=cache, progress=False)
+    monkeypatch.setattr(prepare, "decode_files", lambda paths, *a, **k: {p: "unexpected" for p in paths})
+    second = prepare_site(root, _config(), cache_dir=cache, progress=False)
+    assert second.rejections == first.rejections
+    assert [r.kind for r in first.rejections] == ["pixel data unreadable", "incomplete exam"]
+
+
+@pytest.fixture(scope="module")
+def slow_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid left CC, 6000×6000 in JPEG 2000: 1 KB on disk, ~1 s to decode and preprocess (64×48: 3 ms)."""
+    ds = mg_dataset(np.full((6000, 6000), 900, np.uint16), study="1.2.999", patient="P000", view="CC")
+    return save(ds, tmp_path_factory.mktemp("slow") / "slow.dcm", JPEG2000Lossless)
+
+
+def _site_with(root: Path, slow_file: Path) -> None:
+    """Three exams; the CC of the first is the slow file, first in path order, so that the files after it
+    need the replacement worker."""
+    rows = write_site(root, 3)
+    for path in (root / "P000").iterdir():
+        path.unlink()
+    (root / "P000" / "0_slow.dcm").write_bytes(slow_file.read_bytes())
+    view_file(root, "1.2.999", "L", "MLO", patient="P000")
+    rows[0]["study_uid"] = "1.2.999"
+    write_labels(root, rows)
+
+
+def test_a_decode_that_hangs_is_rejected_and_the_rest_goes_on(tmp_path: Path, slow_file: Path) -> None:
+    root = tmp_path / "site"
+    _site_with(root, slow_file)
+    site = prepare_site(root, _config(workers=1, decode_timeout_s=0.2), progress=False)
+    assert len(site.exam_ids) == 2
+    reasons = {r.source: r.reason for r in site.rejections}
+    assert reasons[str(root / "P000" / "0_slow.dcm")] == "decoding timed out: still decoding after 0.2 s"
+    assert reasons["1.2.999_L"].startswith("incomplete exam: view(s) rejected: ")
+
+
+def test_a_decoder_that_dies_is_rejected_and_the_rest_goes_on(tmp_path: Path, slow_file: Path) -> None:
+    root = tmp_path / "site"
+    _site_with(root, slow_file)
+
+    def kill_first_worker() -> None:  # as the kernel's out-of-memory killer would
+        while not (workers := multiprocessing.active_children()):
+            time.sleep(0.01)
+        time.sleep(0.4)  # ready, given the slow file, and a second into decoding it
+        for worker in workers:
+            worker.kill()
+
+    killer = threading.Thread(target=kill_first_worker)
+    killer.start()
+    site = prepare_site(root, _config(workers=1, decode_timeout_s=60), progress=False)
+    killer.join()
+    assert len(site.exam_ids) == 2
+    reasons = {r.source: r.reason for r in site.rejections}
+    assert reasons[str(root / "P000" / "0_slow.dcm")] == ("pixel data unreadable: the decoder process died "
+                                                           "(exit code -9)")
+
+
+def test_unusable_folder_raises_value_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a folder"):
+        prepare_site(tmp_path / "missing", _config(), progress=False)
+    view_file(tmp_path, "1.2.3", "L", "CC")
+    with pytest.raises(ValueError, match=r"labels\.csv: cannot read"):
+        prepare_site(tmp_path, _config(), progress=False)
