@@ -1,0 +1,82 @@
+"""Where and how precisely the model runs: device, autocast, memory format, threads and seeds."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.config import TrainConfig
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    """Autocast dtype, or None for plain fp32."""
+    channels_last: bool
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            yield
+
+    def scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling, enabled only for fp16, whose gradients underflow without it."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def place(self, model: nn.Module) -> nn.Module:
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+
+def resolve_runtime(config: TrainConfig, *, private: bool = False) -> Runtime:
+    """The device and precision `config` asks for. `private` (DP-SGD with Opacus) rules out channels_last,
+    which gives silently wrong per-sample gradients for conv weights."""
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}; got {config.precision!r}")
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"train.device: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {name!r} but no CUDA device is available")
+    cuda = device.type == "cuda"
+    if config.precision == "auto":
+        amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    elif config.precision == "fp16" and not cuda:
+        raise ValueError("train.precision 'fp16' needs CUDA; on CPU use 'bf16' or 'fp32'")
+    else:
+        amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
+    return Runtime(device, amp, channels_last=cuda and not private)
+
+
+def set_threads(num_threads: int) -> None:
+    """0 keeps torch's default (one per core)."""
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+
+
+def seed_everything(*keys: int) -> torch.Generator:
+    """Seed torch, numpy and Python from `keys`, e.g. (seed, epoch): each epoch's randomness then depends on
+    nothing before it, so a resumed run repeats an uninterrupted one. Returns a CPU generator for data
+    order and augmentation. cuDNN's autotuner is switched off (it picks kernels by timing, so runs
+    differ); `torch.use_deterministic_algorithms` is not forced: slow or unsupported for some CUDA ops."""
+    seed = int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+    return torch.Generator().manual_seed(seed)

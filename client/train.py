@@ -1,0 +1,301 @@
+"""Local training: `train_epochs`, the loop the federated client calls, and `fedmammo train`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from client.data import ExamTensors, batches, device_generator, epoch_order, exam_tensors, pos_weight
+from client.device import Runtime, resolve_runtime, seed_everything, set_threads
+from client.evaluate import Metrics, evaluate
+from client.prepare import PreparedSite, prepare_site
+from common.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    mark_latest,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+    write_atomic,
+)
+from common.config import Config, config_from_dict, load_config
+from common.model import MultiTaskLoss, build_model
+
+LOG_EVERY = 10
+"""Steps between progress-bar loss updates (each one waits for the device)."""
+# Settings that may change when a run is resumed: they do not change what is computed.
+_RESUMABLE_CHANGES = {"train.epochs", "train.num_threads", "train.device", "data.workers", "data.cache_dir",
+                      "data.decode_timeout_s"}
+
+
+@dataclass
+class TrainMetrics:
+    loss: float
+    """Mean multi-task loss per exam (without the FedProx term)."""
+    steps: int
+    exams: int
+    seconds: float
+
+    @property
+    def exams_per_s(self) -> float:
+        return self.exams / self.seconds if self.seconds > 0 else 0.0
+
+
+def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+
+
+def train_epochs(
+    model: nn.Module,
+    train_data: ExamTensors,
+    config: Config,
+    *,
+    epochs: int | None = None,
+    steps: int | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    runtime: Runtime | None = None,
+    generator: torch.Generator | None = None,
+    global_weights: Mapping[str, Tensor] | None = None,
+    mu: float = 0.0,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainMetrics:
+    """Train `model` in place for `epochs` passes over `train_data` (default `config.train.epochs`), or
+    for exactly `steps` batches when given (epochs then repeat as needed).
+
+    `optimizer` carries state across calls (a fresh AdamW when None); `generator` drives data order and
+    augmentation (default: seeded from `config.train.seed`). With `mu` > 0, FedProx's proximal term
+    mu/2 · ||w − w_global||² against `global_weights` (parameter name → tensor) is added to the loss.
+    """
+    if len(train_data) == 0:
+        raise ValueError("no training exams")
+    runtime = runtime or resolve_runtime(config.train)
+    generator = generator or seed_everything(config.train.seed)
+    runtime.place(model)
+    optimizer = optimizer or make_optimizer(model, config)
+    criterion = MultiTaskLoss(config.model.birads_loss_weight, pos_weight(train_data, config.train.balance))
+    criterion.to(runtime.device)
+    anchors = _proximal_anchors(model, global_weights, runtime.device) if mu > 0 else []
+    scaler = runtime.scaler()
+    batch_size = config.train.batch_size
+    total_steps = steps if steps is not None else (epochs or config.train.epochs) * math.ceil(
+        len(train_data) / batch_size)
+    if total_steps < 1:
+        raise ValueError(f"nothing to train: {total_steps} steps")
+
+    model.train()
+    loss_sum = torch.zeros((), device=runtime.device)
+    done = exams = 0
+    start = time.perf_counter()
+    with tqdm(total=total_steps, desc=desc, unit="batch", disable=not progress, leave=False) as bar:
+        while done < total_steps:
+            order = epoch_order(train_data, config.train.balance, generator)
+            augment = device_generator(runtime.device, generator) if config.train.augment else None
+            for batch in batches(train_data, order, batch_size, runtime.device, augment):
+                with runtime.autocast():
+                    outputs = model(batch.views)
+                loss = criterion(outputs, batch.malignant, batch.birads_class)
+                objective = loss
+                if anchors:
+                    objective = loss + mu / 2 * sum((p - a).pow(2).sum() for p, a in anchors)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(objective).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                loss_sum += loss.detach() * len(batch.views)
+                exams += len(batch.views)
+                done += 1
+                bar.update()
+                if progress and (done % LOG_EVERY == 0 or done == total_steps):
+                    bar.set_postfix(loss=f"{float(loss_sum) / exams:.4f}")
+                if done == total_steps:
+                    break
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)
+    return TrainMetrics(float(loss_sum) / exams, done, exams, time.perf_counter() - start)
+
+
+def _proximal_anchors(
+    model: nn.Module, global_weights: Mapping[str, Tensor] | None, device: torch.device
+) -> list[tuple[Tensor, Tensor]]:
+    if global_weights is None:
+        raise ValueError("FedProx (mu > 0) needs the global weights")
+    anchors = []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            if name not in global_weights:
+                raise ValueError(f"global weights lack parameter {name!r}")
+            anchors.append((param, global_weights[name].detach().to(device, param.dtype)))
+    return anchors
+
+
+# --- fedmammo train ---------------------------------------------------------------------------------------
+
+
+def flat_config(config: Config) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in dataclasses.asdict(config).items()
+            for key, value in values.items()}
+
+
+def _config_dict(config: Config) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_of(checkpoint: Checkpoint, source: Path) -> Config:
+    """The config a checkpoint was trained with."""
+    try:
+        return config_from_dict(checkpoint.metadata["config"], f"{source} (stored config)")
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{source}: no stored config in the checkpoint metadata") from exc
+
+
+def load_weights(model: nn.Module, checkpoint: Checkpoint, source: Path) -> None:
+    try:
+        model.load_state_dict(checkpoint.model_state())
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: weights do not fit the configured model: {exc}") from exc
+
+
+def _selection_key(metrics: Metrics | None, epoch: int) -> float:
+    """Best epoch: highest val AUC; by val loss where val lacks two exams of a class; the last without val."""
+    if metrics is None:
+        return float(epoch)
+    return metrics.auc if metrics.auc is not None else -metrics.loss
+
+
+def _load_sites(dirs: list[str], config: Config, cache_dir: Path) -> list[PreparedSite]:
+    sites = []
+    for folder in dirs:
+        site = prepare_site(Path(folder), config, cache_dir=cache_dir, progress=sys.stderr.isatty())
+        counts = ", ".join(f"{s} {len(site.split(s).exam_ids)}" for s in ("train", "val", "test"))
+        print(f"{folder}: {len(site.exam_ids)} exams ({counts}), {len(site.rejections)} rejected",
+              file=sys.stderr)
+        for rejection in site.rejections:
+            print(f"  skipped {rejection.source}: {rejection.reason}", file=sys.stderr)
+        sites.append(site)
+    return sites
+
+
+def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: Config) -> dict[str, Any]:
+    """Restore model and optimizer from the latest epoch checkpoint; return its training state."""
+    path = latest_checkpoint(out / "checkpoints")
+    if path is None:
+        print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch", file=sys.stderr)
+        return {"epoch": 0, "history": [], "best": None}
+    checkpoint = load_checkpoint(path)
+    stored = flat_config(config_of(checkpoint, path))
+    changed = [f"{k} = {stored[k]!r} (now {v!r})" for k, v in flat_config(config).items()
+               if k not in _RESUMABLE_CHANGES and stored.get(k) != v]
+    if changed:
+        raise CheckpointError(f"{path}: trained with {'; '.join(changed)}; "
+                              "use the same config or a new --out")
+    load_weights(model, checkpoint, path)
+    restore_optimizer(optimizer, checkpoint, checkpoint.metadata["optimizer"])
+    print(f"resuming after epoch {checkpoint.metadata['epoch']} from {path}", file=sys.stderr)
+    return checkpoint.metadata["state"]
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+        runtime = resolve_runtime(config.train)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    checkpoints = out / "checkpoints"
+    if not args.resume and (checkpoints / "latest").exists():
+        print(f"error: {out} already holds a run: pass --resume to continue it, or choose another --out",
+              file=sys.stderr)
+        return 2
+    set_threads(config.train.num_threads)
+    started = time.perf_counter()
+    try:
+        seed_everything(config.train.seed)
+        model = runtime.place(build_model(config.model, config.data.bilateral))
+        optimizer = make_optimizer(model, config)  # after `place`: restored state follows the parameters
+        state = (_resume(out, model, optimizer, config) if args.resume
+                 else {"epoch": 0, "history": [], "best": None})
+        sites = _load_sites(args.dirs, config, out / "cache")
+        data = {split: exam_tensors(sites, split) for split in ("train", "val", "test")}
+        if len(data["train"]) == 0:
+            raise ValueError(f"no usable training exams in {', '.join(args.dirs)} (see `fedmammo check`)")
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    prepared_s = time.perf_counter() - started
+    print(f"training on {len(data['train'])} exams ({int(data['train'].malignant.sum())} malignant), "
+          f"device {runtime.device}, precision {runtime.amp_dtype or 'fp32'}", file=sys.stderr)
+
+    for epoch in range(state["epoch"], config.train.epochs):
+        epoch_started = time.perf_counter()
+        stats = train_epochs(model, data["train"], config, epochs=1, optimizer=optimizer, runtime=runtime,
+                             generator=seed_everything(config.train.seed, epoch),
+                             progress=sys.stderr.isatty(), desc=f"epoch {epoch + 1}/{config.train.epochs}")
+        val = evaluate(model, data["val"], config, runtime)[0] if len(data["val"]) else None
+        state["history"].append({"epoch": epoch + 1, "train_loss": stats.loss, "train_seconds": stats.seconds,
+                                 "exams_per_s": stats.exams_per_s, "val": val and val.to_dict()})
+        key = _selection_key(val, epoch)
+        if state["best"] is None or key > state["best"]["key"]:
+            state["best"] = {"epoch": epoch + 1, "key": key}
+            meta = {"config": _config_dict(config), "epoch": epoch + 1, "val": val and val.to_dict()}
+            save_checkpoint(out / "best.safetensors", model.state_dict(), meta)
+        state["epoch"] = epoch + 1
+        state["history"][-1]["seconds"] = time.perf_counter() - epoch_started  # with val and checkpoints
+        _save_epoch(checkpoints, epoch + 1, model, optimizer, config, state)
+        tqdm.write(f"epoch {epoch + 1}: train loss {stats.loss:.4f} ({stats.exams_per_s:.1f} exams/s)"
+                   + (f"; val {val.summary()}" if val else ""), file=sys.stderr)
+    train_s = sum(epoch["seconds"] for epoch in state["history"])  # a resumed run's earlier epochs too
+
+    best_path = out / "best.safetensors"
+    load_weights(model, load_checkpoint(best_path), best_path)
+    results = {split: evaluate(model, data[split], config, runtime)[0] if len(data[split]) else None
+               for split in ("val", "test")}
+    report = {
+        "best_epoch": state["best"]["epoch"],
+        "val": results["val"] and results["val"].to_dict(),
+        "test": results["test"] and results["test"].to_dict(),
+        "history": state["history"],
+        "sites": [{"dir": d, "name": s.name, "exams": len(s.exam_ids), "rejected": len(s.rejections)}
+                  for d, s in zip(args.dirs, sites, strict=True)],
+        "exams": {split: len(d) for split, d in data.items()},
+        "device": str(runtime.device),
+        "precision": str(runtime.amp_dtype or "fp32"),
+        "prepare_seconds": prepared_s,
+        "train_seconds": train_s,
+        "run_seconds": time.perf_counter() - started,
+        "config": _config_dict(config),
+    }
+    write_atomic(out / "metrics.json", json.dumps(report, indent=2) + "\n")
+    print(f"best epoch {report['best_epoch']} of {config.train.epochs}; training took {train_s:.0f} s "
+          f"(this run {report['run_seconds']:.0f} s, reading the data {prepared_s:.0f} s)")
+    for split, metrics in results.items():
+        print(f"{split}: {metrics.summary()}" if metrics else f"{split}: no exams")
+    print(f"wrote {out / 'metrics.json'} and {best_path}")
+    return 0
+
+
+def _save_epoch(folder: Path, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, config: Config,
+                state: dict[str, Any]) -> None:
+    """Write this epoch's resumable checkpoint, point `latest` at it, then drop the previous one."""
+    tensors, optimizer_meta = optimizer_tensors(optimizer)
+    path = folder / f"epoch_{epoch:03d}.safetensors"
+    meta = {"config": _config_dict(config), "epoch": epoch, "optimizer": optimizer_meta, "state": state}
+    save_checkpoint(path, {**model.state_dict(), **tensors}, meta)
+    mark_latest(path)
+    previous = folder / f"epoch_{epoch - 1:03d}.safetensors"
+    previous.unlink(missing_ok=True)

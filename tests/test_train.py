@@ -1,0 +1,204 @@
+"""Batches, augmentation, class balance and the training loop, on the real model at 64×64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from client.data import augment, batches, epoch_order, exam_tensors, pos_weight
+from client.device import resolve_runtime, seed_everything
+from client.evaluate import evaluate, predict
+from client.prepare import PreparedSite
+from client.train import train_epochs
+from common.config import Config
+from common.labels import ExamLabel
+from common.model import DualViewDenseNet
+
+SIZE = 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a small shared machine, more threads than free cores stall for seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_site(
+    name: str = "site",
+    splits: dict[str, tuple[int, int]] | None = None,
+    size: int = SIZE,
+    views: int = 2,
+    seed: int = 0,
+) -> PreparedSite:
+    """A site from arrays: a breast-like half disc against the left edge, with a bright blob in both views
+    of malignant exams. `splits` maps a split to its (benign, malignant) counts."""
+    splits = splits or {"train": (4, 4), "val": (2, 2), "test": (2, 2)}
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    breast = ((xx**2 + (yy - 0.5) ** 2) < 0.6**2) * 0.4
+    labels, arrays = [], []
+    for split, (benign, malignant) in splits.items():
+        for i in range(benign + malignant):
+            bad = i >= benign
+            study = f"1.2.826.0.1.{seed}.{split}.{i}"
+            birads = 5 if bad else 2 + i % 3
+            labels.append(ExamLabel(f"p{split}{i}", study, "L", bad, birads, "c", False, split))
+            exam = []
+            for _ in range(views):
+                image = breast + rng.normal(0, 0.05, (size, size))
+                if bad:
+                    cy, cx = rng.uniform(0.35, 0.65, 2)
+                    image += 0.5 * np.exp(-((yy - cy) ** 2 + (xx - cx * 0.5) ** 2) / 0.004)
+                exam.append(image)
+            arrays.append(exam)
+    return PreparedSite(name, [label.exam_id for label in labels],
+                        np.clip(arrays, 0, 1).astype(np.float16), labels, [])
+
+
+def tiny_config(**train: object) -> Config:
+    config = Config()
+    config.data.image_size = (SIZE, SIZE)
+    config.train.batch_size = 8
+    config.train.num_threads = 0
+    for key, value in train.items():
+        setattr(config.train, key, value)
+    return config
+
+
+def test_exam_tensors_pool_sites_and_splits() -> None:
+    a = make_site("a", {"train": (3, 1), "test": (1, 1)}, seed=1)
+    b = make_site("b", {"train": (2, 2), "val": (1, 1)}, seed=2)
+    train = exam_tensors([a, b], "train")
+    assert len(train) == 8
+    assert train.exam_ids[:4] == a.split("train").exam_ids
+    assert train.views.shape == (8, 2, SIZE, SIZE) and train.views.dtype == torch.float16
+    assert train.malignant.tolist() == [0, 0, 0, 1, 0, 0, 1, 1]
+    assert train.birads_class.tolist() == [0, 1, 2, 3, 0, 1, 3, 3]  # BI-RADS 2, 3, 4, 5
+    assert len(exam_tensors([a, b], "all")) == 12
+    assert len(exam_tensors([a, b], "val")) == 2
+    with pytest.raises(ValueError, match="unknown split"):
+        exam_tensors([a], "holdout")
+    with pytest.raises(ValueError, match="different view shapes"):
+        exam_tensors([a, make_site("c", size=32)], "train")
+
+
+def test_class_balance() -> None:
+    data = exam_tensors([make_site(splits={"train": (12, 3)})], "train")
+    assert pos_weight(data, "pos_weight") == 4.0
+    assert pos_weight(data, "sampler") is None and pos_weight(data, "none") is None
+    with pytest.raises(ValueError, match=r"train\.balance"):
+        pos_weight(data, "oversample")
+    generator = torch.Generator().manual_seed(0)
+    drawn = torch.cat([epoch_order(data, "sampler", generator) for _ in range(200)])
+    assert abs(float(data.malignant[drawn].mean()) - 0.5) < 0.03
+    order = epoch_order(data, "pos_weight", generator)
+    assert sorted(order.tolist()) == list(range(15))
+
+
+def test_augment_keeps_range_orientation_and_is_seeded() -> None:
+    views = torch.zeros(4, 2, SIZE, 48)
+    views[..., :, :12] = 0.8  # the chest-wall side of the breast, at the left edge
+    out = augment(views, torch.Generator().manual_seed(1))
+    again = augment(views, torch.Generator().manual_seed(1))
+    assert out.shape == views.shape and torch.equal(out, again)
+    assert out.min() >= 0 and out.max() <= 1
+    # Scaled and rotated about the chest-wall midpoint, never flipped: the tissue stays on the left.
+    assert (out[..., SIZE // 4 : -SIZE // 4, :4].mean((-1, -2)) > 0.5).all()
+    assert (out[..., :, -12:].mean((-1, -2)) < 0.15).all()
+    assert not torch.allclose(out[:, 0], out[:, 1])  # each view has its own geometric jitter
+
+
+def test_augment_without_jitter_is_the_identity() -> None:
+    views = torch.rand(2, 2, SIZE, 48)
+    out = augment(views, torch.Generator().manual_seed(0), rotation_deg=0, scale=0, shift=(0, 0), gamma=1,
+                  contrast=0, brightness=0, noise=0)
+    torch.testing.assert_close(out, views, atol=1e-5, rtol=0)
+
+
+def test_batches_cover_the_order_on_the_device() -> None:
+    data = exam_tensors([make_site()], "train")
+    order = torch.tensor([7, 0, 3, 5, 1])
+    got = list(batches(data, order, 2, torch.device("cpu")))
+    assert [len(b.views) for b in got] == [2, 2, 1]
+    assert got[0].views.dtype == torch.float32
+    torch.testing.assert_close(got[0].views[0], data.views[7].float())
+    assert torch.equal(torch.cat([b.malignant for b in got]), data.malignant[order])
+
+
+def test_train_epochs_learns_a_tiny_problem() -> None:
+    """Group norm and no dropout, so the eval-mode loss before and after is the trained objective."""
+    config = tiny_config(augment=False)
+    data = exam_tensors([make_site()], "train")
+    seed_everything(0)
+    model = DualViewDenseNet(norm="group", dropout=0.0)
+    before, _ = evaluate(model, data, config)
+    stats = train_epochs(model, data, config, epochs=6, progress=False)
+    after, predictions = evaluate(model, data, config)
+    assert stats.steps == 6 and stats.exams == 48
+    assert after.loss < 0.6 * before.loss
+    assert after.auc == 1.0 and after.sensitivity == after.specificity == 1.0
+    scores = predictions.score
+    assert ((scores >= 0) & (scores <= 100)).all() and set(predictions.birads) <= {2, 3, 4, 5}
+
+
+def test_train_epochs_steps_seed_and_fedprox() -> None:
+    config = tiny_config(lr=1e-3, batch_size=4)
+    config.data.image_size = (32, 32)  # the smallest the trunk takes: this test trains four times
+    data = exam_tensors([make_site(size=32)], "train")
+
+    def trained(mu: float = 0.0, seed: int = 0) -> dict[str, torch.Tensor]:
+        torch.manual_seed(123)
+        model = DualViewDenseNet(norm="group")
+        start = {k: v.detach().clone() for k, v in model.named_parameters()}
+        stats = train_epochs(model, data, config, steps=3, generator=torch.Generator().manual_seed(seed),
+                             global_weights=start, mu=mu, progress=False)
+        assert stats.steps == 3 and stats.exams == 3 * 4  # steps go on past an epoch of 2 batches
+        return {k: v.detach() - start[k] for k, v in model.named_parameters()}
+
+    def distance(moved: dict[str, torch.Tensor]) -> float:
+        return float(sum(d.pow(2).sum() for d in moved.values()))
+
+    plain = trained()
+    assert all(torch.equal(a, b) for a, b in zip(plain.values(), trained().values(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(plain.values(), trained(seed=1).values(), strict=True))
+    assert distance(trained(mu=1e4)) < 0.5 * distance(plain)
+    with pytest.raises(ValueError, match="needs the global weights"):
+        train_epochs(DualViewDenseNet(), data, config, steps=1, mu=0.1)
+
+
+def test_predict_in_eval_mode_keeps_training_mode_and_order() -> None:
+    config = tiny_config()
+    data = exam_tensors([make_site(views=4)], "test")
+    model = DualViewDenseNet(bilateral=True)
+    predictions = predict(model, data, config, resolve_runtime(config.train))
+    assert model.training
+    assert predictions.exam_ids == data.exam_ids
+    records = predictions.records()
+    assert all(0 <= r["malignancy_score"] <= 100 and r["birads"] in (2, 3, 4, 5) for r in records)
+    assert all(abs(sum(r["birads_probabilities"].values()) - 1) < 1e-5 for r in records)
+
+
+def test_runtime_on_cpu() -> None:
+    config = tiny_config()
+    runtime = resolve_runtime(config.train)
+    if not torch.cuda.is_available():
+        assert runtime.device.type == "cpu" and runtime.amp_dtype is None and not runtime.channels_last
+    config.train.device = "cpu"
+    config.train.precision = "bf16"
+    assert resolve_runtime(config.train).amp_dtype == torch.bfloat16
+    config.train.precision = "fp16"
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_runtime(config.train)
+    config.train.precision = "fp64"
+    with pytest.raises(ValueError, match=r"train\.precision"):
+        resolve_runtime(config.train)
+
+
+def test_runtime_never_channels_last_under_dp() -> None:
+    config = tiny_config()
+    config.train.device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert not resolve_runtime(config.train, private=True).channels_last
