@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 
 HANDLERS = {
     "synth": "common.synth.command:run",
@@ -16,6 +19,9 @@ HANDLERS = {
     "train": "client.train:run",
     "predict": "client.predict:run",
     "stats": "common.stats.command:run",
+    "demo": "server.launch:demo",
+    "federate": "server.launch:run",
+    "certs": "server.certs:run",
 }
 
 
@@ -73,6 +79,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="append", metavar="A:B", help="pair to compare (default: all)")
     p.add_argument("--json", required=True, help="output JSON")
     p.add_argument("--report", help="folder for Markdown/CSV tables and the ROC figure")
+
+    p = sub.add_parser("demo", help="synthetic 3-site cohort → federated training in simulation → report")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help="TOML config (default configs/demo.toml)")
+    p.add_argument("--rounds", type=int, help="federated rounds (default: [train] epochs)")
+    p.add_argument("--baselines", action="store_true", help="also train each site's local-only model")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is abandoned")
+
+    p = sub.add_parser("federate", help="run the federation: simulation over site folders, or a deployment")
+    p.add_argument("data_root", nargs="?", help="simulation: folder holding one folder per site")
+    p.add_argument("--connection", help="deployment: a connection named in FLWR_HOME's config.toml")
+    p.add_argument("--config", help="TOML config ([data], [model], [train])")
+    p.add_argument("--out", default="runs/federated", help="the center's output folder")
+    p.add_argument("--rounds", type=int, help="federated rounds")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete round in --out")
+    p.add_argument("--run-config", dest="run_config", action="append", metavar="KEY=VALUE",
+                   help="override a [tool.flwr.app.config] value (repeatable)")
+    p.add_argument("--timeout", type=float, default=86400.0, help="seconds before the run is abandoned")
+
+    p = sub.add_parser("certs", help="make a CA and the SuperLink's TLS certificate")
+    p.add_argument("out", help="folder for ca.crt, ca.key, server.pem, server.key")
+    p.add_argument("--host", action="append", help="host name or IP the SuperLink is reached at (repeatable)")
+    p.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
     return parser
 
 

@@ -1,0 +1,212 @@
+"""What the federation costs: fedmammo's per-round overhead against a bare Flower app's, in simulation and
+on a loopback deployment over TLS, the bytes a site exchanges per round against the model's fp32 size,
+and a whole run against the same training without Flower. Prints Markdown tables.
+
+    .venv/bin/python bench/bench_federation.py [--rounds 3] [--out /tmp/fedmammo-bench]
+
+- overhead per round = the round's wall time at the server minus the slowest site's local training
+  (both from fedmammo's metrics.csv); Flower's own = the round time of a bare app in the same
+  federation whose ClientApp returns the model-sized array it gets (no torch, no data);
+- the whole-run ratio compares the `flwr run` simulation with the same ServerApp and ClientApp called in
+  one process (tests/test_federation_support's in-process Grid): same rounds, same training, no Flower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from test_federation_support import run_in_process  # noqa: E402
+
+from client.app import initial_model, site_folders  # noqa: E402
+from common.cli import main as fedmammo  # noqa: E402
+from common.config import load_config  # noqa: E402
+from common.synth.generate import CohortSpec, generate  # noqa: E402
+from server.app import exchanged_keys  # noqa: E402
+from server.certs import make_certificates  # noqa: E402
+from server.launch import flwr_run, simulate, superlink, supernode, write_connection  # noqa: E402
+
+NOOP_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "noop"
+version = "0.1.0"
+
+[tool.flwr.app]
+publisher = "bench"
+
+[tool.flwr.app.components]
+serverapp = "noop_app:server"
+clientapp = "noop_app:client"
+
+[tool.flwr.app.config]
+rounds = 3
+values = 1
+min-nodes = 3
+"""
+NOOP_APP = '''\
+"""A bare Flower app: the server sends a model-sized float32 array, each ClientApp sends it back + 1."""
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@client.train()
+def train(msg: Message, context: Context) -> Message:
+    weights = msg.content["arrays"]["weights"].numpy() + 1
+    return Message(RecordDict({"arrays": ArrayRecord({"weights": Array(weights)})}), reply_to=msg)
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    weights = np.random.default_rng(0).random(int(context.run_config["values"]), dtype=np.float32)
+    while len(list(grid.get_node_ids())) < int(context.run_config["min-nodes"]):
+        time.sleep(0.5)
+    for r in range(1, int(context.run_config["rounds"]) + 1):
+        started = time.perf_counter()
+        content = RecordDict({"arrays": ArrayRecord({"weights": Array(weights)})})
+        replies = grid.send_and_receive([Message(content, message_type=MessageType.TRAIN, dst_node_id=n)
+                                         for n in grid.get_node_ids()])
+        assert all(not m.has_error() for m in replies), [m.error for m in replies if m.has_error()]
+        log(20, "[fedmammo] noop round %d %.3f", r, time.perf_counter() - started)
+'''
+
+
+def _rounds(out: Path) -> list[tuple[float, float]]:
+    """Per training round of a fedmammo run: (wall time at the server, slowest site's local training)."""
+    with (out / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["phase"] == "train"]
+    result = []
+    for r in sorted({int(r["round"]) for r in rows}):
+        mine = [x for x in rows if int(x["round"]) == r]
+        wall = next(float(x["seconds"]) for x in mine if x["site"] == "all")
+        result.append((wall, max(float(x["seconds"]) for x in mine if x["site"] != "all")))
+    return result
+
+
+def _noop_rounds(lines: list[str]) -> list[float]:
+    return [float(line.split()[-1]) for line in lines if line.startswith("noop round")]
+
+
+def _summary(values: list[float]) -> str:
+    spread = f" ({min(values):.1f}–{max(values):.1f})" if len(values) > 1 else ""
+    return f"{statistics.median(values):.1f}{spread}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--demo-rounds", type=int, default=2,
+                        help="rounds of the demo-size whole run (0: skip it)")
+    args = parser.parse_args()
+    work = Path(args.out or tempfile.mkdtemp(prefix="fedmammo-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    runs = work / time.strftime("%Y%m%d-%H%M%S")  # this invocation's runs; cohorts and caches are reused
+
+    tiny = work / "tiny.toml"
+    tiny.write_text(f'[data]\nimage_size = [64, 64]\nworkers = 1\ncache_dir = "{work / "cache"}"\n\n'
+                    "[train]\nbatch_size = 4\nnum_threads = 1\naugment = false\n")
+    data = work / "tiny-cohort"
+    if not (data / "cohort.json").is_file():
+        generate(CohortSpec(train=(8, 8, 8), val=(2, 2, 2), test=(8, 8, 8), seed=3), data, progress=False)
+    noop = work / "noop"
+    noop.mkdir(exist_ok=True)
+    (noop / "pyproject.toml").write_text(NOOP_PYPROJECT)
+    (noop / "noop_app.py").write_text(NOOP_APP)
+    model = initial_model(load_config(tiny))
+    values = sum(model.state_dict()[k].numel() for k in exchanged_keys(model, "average"))
+    noop_config = {"rounds": args.rounds, "values": values}
+    run = {"config": str(tiny), "num-server-rounds": args.rounds, "local-steps": 1, "eval-every": 0}
+
+    results = {}
+    # warm the decoded-view cache, so that no measured round decodes DICOM
+    run_in_process(data, {**run, "num-server-rounds": 1, "out-dir": str(runs / "warm")})
+
+    lines: list[str] = []
+    sim = simulate(data, {**run, "out-dir": str(runs / "sim")}, home=runs / "sim-flower", echo=lines.append)
+    bare: list[str] = []
+    home = runs / "noop-sim-flower"  # the bare app in a simulation federation of the same size
+    home.mkdir(parents=True, exist_ok=True)
+    with superlink(home, simulation=True) as address:
+        write_connection(home, "sim", address)
+        flwr_run(home, "sim", noop_config, app=noop, echo=bare.append,
+                 federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1})
+    results["simulation"] = (_rounds(runs / "sim"), _noop_rounds(bare), sim)
+
+    certs = runs / "certs"
+    make_certificates(certs, ["localhost", "127.0.0.1"])
+    bare = []
+    with contextlib.ExitStack() as stack:
+        address = stack.enter_context(superlink(runs / "center", certs=certs))
+        for site in site_folders(data):
+            node = {"data-path": str(site), "output-path": str(runs / "hospital" / site.name),
+                    "site-name": site.name}
+            stack.enter_context(supernode(runs / "nodes" / site.name, address, node,
+                                          root_certificates=certs / "ca.crt"))
+        write_connection(runs / "center", "loopback", address, certs / "ca.crt")
+        deployed = flwr_run(runs / "center", "loopback",
+                            {**run, "min-nodes": 3, "out-dir": str(runs / "dep")})
+        flwr_run(runs / "center", "loopback", noop_config, app=noop, echo=bare.append)
+    results["deployment (TLS, loopback)"] = (_rounds(runs / "dep"), _noop_rounds(bare), deployed)
+
+    print(f"\n### Per-round overhead, {args.rounds} rounds, 3 sites, 64×64, 1 local step "
+          f"(model {4 * values / 2**20:.1f} MiB fp32)\n")
+    print("| mode | round wall (s) | slowest site's training (s) | fedmammo overhead (s) "
+          "| bare Flower round (s) | fedmammo / Flower | per site per round: up / down (× fp32 model) |")
+    print("|---|---|---|---|---|---|---|")
+    for mode, (rounds, flower, outcome) in results.items():
+        measured = rounds[1:] or rounds  # round 1 also starts the processes
+        overhead = [wall - compute for wall, compute in measured]
+        model_bytes = 4 * values  # weights go up once a round, down once a round and for the evaluation
+        up, down = outcome.bytes_in / (3 * args.rounds), outcome.bytes_out / (3 * (args.rounds + 1))
+        print(f"| {mode} | {_summary([w for w, _ in measured])} | {_summary([c for _, c in measured])} "
+              f"| {_summary(overhead)} | {_summary(flower[1:] or flower)} "
+              f"| {statistics.median(overhead) / statistics.median(flower[1:] or flower):.2f} "
+              f"| {up / model_bytes:.2f} / {down / model_bytes:.2f} |")
+
+    if args.demo_rounds < 1:
+        return
+    demo_data = work / "demo-cohort"
+    if not (demo_data / "cohort.json").is_file():
+        fedmammo(["synth", str(demo_data), "--config", str(ROOT / "configs" / "demo.toml")])
+    demo_config = work / "demo.toml"
+    demo_config.write_text((ROOT / "configs" / "demo.toml").read_text().replace(
+        "[data]\n", f'[data]\ncache_dir = "{work / "demo-cache"}"\n'))
+    whole = {"config": str(demo_config), "num-server-rounds": args.demo_rounds, "eval-every": 0}
+    run_in_process(demo_data, {**whole, "num-server-rounds": 1, "local-steps": 1,
+                               "out-dir": str(runs / "demo-warm")})
+    started = time.perf_counter()
+    run_in_process(demo_data, {**whole, "out-dir": str(runs / "demo-inprocess")})
+    alone = time.perf_counter() - started
+    started = time.perf_counter()
+    flwr = simulate(demo_data, {**whole, "out-dir": str(runs / "demo-sim")}, home=runs / "demo-flower")
+    with_flower = time.perf_counter() - started
+    print(f"\n### Whole run at the demo's size ({args.demo_rounds} rounds, 3 × 60 training exams, 128×96)\n")
+    print("| run | wall (s) |\n|---|---|")
+    print(f"| ServerApp + ClientApps in one process (no Flower transport) | {alone:.0f} |")
+    print(f"| `flwr run` simulation ({flwr.status}) | {with_flower:.0f} |")
+    print(f"| ratio | {with_flower / alone:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

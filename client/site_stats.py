@@ -1,0 +1,147 @@
+"""What a site contributes to the federated statistics: its prediction file, and the aggregates computed
+from it that it sends (histograms, then placement sums; see `common.stats.federated`).
+
+The prediction file is the single source of both exchanges and of any audit: one row per test exam with
+its labels, the models' scores on the statistics' 0–100 grid (one decimal) and the readers' reads from
+labels.csv. It stays at the site.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.labels import ExamLabel
+from common.stats import GRIDS, StatsInputError, pool_histograms, site_histograms, site_placement_sums
+from common.stats.analysis import subgroup_labels, subgroup_masks
+from common.stats.scores import ScoreKind, default_threshold, parse_scores
+
+MODEL, LOCAL_ONLY = "model", "local-only"
+"""Rater names of the global model's scores and of the site's own model, trained on its data alone."""
+ALL = "all"
+"""The group of all cases; subgroups are named COLUMN=VALUE (density=dense, symptoms=symptomatic)."""
+CASE_COLUMNS = ("exam_id", "malignant", "density", "symptomatic", "model-birads")
+"""Prediction-file columns that are not raters; the columns after them are raters' scores."""
+_COUNTED = ("exams", "malignant", "dense", "symptomatic")
+
+
+@dataclass(frozen=True)
+class Rater:
+    scores: np.ndarray
+    kind: str
+    """Its federated grid (`common.stats.scores.GRIDS`): percent for the models, birads for BI-RADS reads."""
+    threshold: float
+    """Positive call at score >= threshold."""
+
+
+@dataclass(frozen=True)
+class Cases:
+    """A prediction file read back."""
+
+    truth: np.ndarray
+    raters: dict[str, Rater]
+    groups: dict[str, np.ndarray]
+    skipped: dict[str, str]
+    """Reader columns that cannot be analysed, with the reason."""
+
+    def scores(self, mask: np.ndarray, raters: Sequence[str]) -> dict[str, np.ndarray]:
+        return {r: self.raters[r].scores[mask] for r in raters}
+
+    def kinds(self, raters: Sequence[str]) -> dict[str, str]:
+        return {r: self.raters[r].kind for r in raters}
+
+
+def cases_csv(labels: Sequence[ExamLabel], birads: np.ndarray, scores: Mapping[str, np.ndarray]) -> str:
+    """The prediction file's text; `birads` is the model's BI-RADS call, `scores` the models' 0–100 scores."""
+    readers = sorted({name for label in labels for name in label.readers})
+    if clash := set(readers) & {*CASE_COLUMNS, *scores}:
+        raise ValueError(f"labels.csv: reader column(s) {', '.join(sorted(clash))} clash with the "
+                         "prediction file's columns; rename them")
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*CASE_COLUMNS, *scores, *readers])
+    for i, label in enumerate(labels):
+        writer.writerow([label.exam_id, int(label.malignant), label.density, int(label.symptomatic),
+                         int(birads[i]), *(f"{s[i]:.1f}" for s in scores.values()),
+                         *(label.readers.get(r, "") for r in readers)])
+    return out.getvalue()
+
+
+def read_cases(path: Path, threshold: float) -> Cases:
+    """Parse a prediction file; `threshold` is the models' positive call. A reader column that is not a
+    complete set of BI-RADS, 0/1, probability or 0–100 reads is skipped with its reason."""
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])[len(CASE_COLUMNS):]
+    raters, skipped = {}, {}
+    for column in columns:
+        texts = [row[column] for row in rows]
+        if column in (MODEL, LOCAL_ONLY):
+            raters[column] = Rater(np.array(texts, dtype=float), str(ScoreKind.PERCENT), threshold)
+            continue
+        try:
+            values, kind = parse_scores(texts, column, range(2, len(rows) + 2))
+        except StatsInputError as exc:
+            skipped[column] = str(exc)
+            continue
+        if kind not in GRIDS:
+            skipped[column] = f"{kind} scores have no federated grid"
+            continue
+        raters[column] = Rater(values, str(kind), float(default_threshold(kind)))
+    symptoms = np.array(["symptomatic" if row["symptomatic"] == "1" else "asymptomatic" for row in rows])
+    density = subgroup_labels("density", [row["density"] for row in rows])
+    groups = {ALL: np.ones(len(rows), dtype=bool),
+              **subgroup_masks({"density": density, "symptoms": symptoms})}
+    return Cases(np.array([row["malignant"] == "1" for row in rows]), raters, groups, skipped)
+
+
+def site_counts(labels: Sequence[ExamLabel]) -> dict[str, dict[str, int]]:
+    """Exams per split, and how many of them are malignant, dense and symptomatic (the report's Table 1)."""
+    counts: dict[str, dict[str, int]] = {}
+    for label in labels:
+        entry = counts.setdefault(label.split, dict.fromkeys(_COUNTED, 0))
+        for key, value in zip(_COUNTED, (1, label.malignant, label.dense, label.symptomatic), strict=True):
+            entry[key] += int(value)
+    return counts
+
+
+def histograms(cases: Cases, min_count: int = 1) -> dict[str, dict[str, Any]]:
+    """Exchange 1: per group, every rater's per-class histograms on its grid."""
+    raters = list(cases.raters)
+    return {group: site_histograms(cases.truth[mask], cases.scores(mask, raters), cases.kinds(raters),
+                                   min_count=min_count)
+            for group, mask in cases.groups.items()}
+
+
+def placement_sums(cases: Cases, pooled: Mapping[str, Mapping[str, Any]], min_count: int = 1
+                   ) -> dict[str, Any]:
+    """Exchange 2: per group the center pooled, the sums against the pooled histograms; and, for the
+    site's own paired tests, the sums of all its cases against its own histograms (None when it has fewer
+    than 2 cases of a class)."""
+    sums = {}
+    for group, pooled_group in pooled.items():
+        if group in cases.groups:
+            mask = cases.groups[group]
+            sums[group] = site_placement_sums(cases.truth[mask], cases.scores(mask, pooled_group["raters"]),
+                                              pooled_group, min_count=min_count)
+    raters = pooled[ALL]["raters"]
+    scores, kinds = cases.scores(cases.groups[ALL], raters), cases.kinds(raters)
+    try:
+        own = pool_histograms([site_histograms(cases.truth, scores, kinds, min_count=min_count)])
+        own_sums = site_placement_sums(cases.truth, scores, own, min_count=min_count)
+    except StatsInputError:
+        own_sums = None
+    return {"pooled": sums, "own": own_sums}
+
+
+def to_json(value: Any) -> str:
+    """JSON with numpy arrays and numbers as lists and Python numbers (the statistics return numpy)."""
+    return json.dumps(value, default=lambda o: o.tolist() if isinstance(o, np.ndarray | np.generic) else o)

@@ -1,0 +1,394 @@
+"""Starting Flower for fedmammo and reading back what really happened.
+
+One app, two ways to run it: a simulation on this machine (a private simulation SuperLink, each virtual
+SuperNode mapped to a site folder) or a run on a deployed federation (a SuperLink the center started,
+SuperNodes at the hospitals). Either way `flwr run --stream` submits the app and shows its log, and the
+run's outcome is read from the SuperLink (`flwr ls --run-id`), because `flwr run` exits 0 even when the
+ServerApp failed.
+
+Every Flower process started here gets a private FLWR_HOME (its `config.toml` holds the connection, so
+`flwr run` never rewrites the project's pyproject) and an offline environment: no telemetry, no update
+check, no runtime `uv sync` of the app's dependencies. Processes are started in their own process group
+and always stopped (terminate, then kill) when their context ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import tomli_w
+
+from client.app import site_folders
+from common.cli import main as fedmammo
+from common.config import load_config
+
+APP_DIR = Path(__file__).resolve().parents[1]
+"""The Flower app (this project): `flwr run` packs its code and configs (`fab-include`), never data."""
+MARKER = "[fedmammo]"
+"""Prefix of the ServerApp's progress lines, the ones echoed to the console."""
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+class LaunchError(RuntimeError):
+    """Flower could not be started, or a run could not be submitted or followed."""
+
+
+@dataclass
+class RunOutcome:
+    run_id: int
+    status: str
+    """`finished:completed`, `finished:failed`, `finished:stopped`, ... as the SuperLink reports it."""
+    details: str
+    """The failure's message (the ServerApp's exception) when there is one."""
+    elapsed_s: float
+    bytes_in: int
+    bytes_out: int
+    log: Path
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """This process's environment with FLWR_HOME = `home` and the offline settings. This interpreter's
+    bin folder comes first on PATH: Flower's processes start each other (flower-superexec) by name."""
+    no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1,localhost"]))
+    path = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")]))
+    return {**os.environ, **OFFLINE_ENV, "NO_PROXY": no_proxy, "PATH": path, "FLWR_HOME": str(home)}
+
+
+def _executable(name: str) -> str:
+    """A Flower command from this interpreter's environment (a venv need not be on PATH)."""
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_connection(home: Path, name: str, address: str, root_certificates: Path | None = None) -> None:
+    """Add (or replace) the SuperLink connection `name` in `home`/config.toml and make it the default."""
+    path = home / "config.toml"
+    config = tomllib.loads(path.read_text()) if path.exists() else {}
+    superlink = config.setdefault("superlink", {})
+    entry: dict[str, Any] = {"address": address}
+    if root_certificates is None:
+        entry["insecure"] = True
+    else:
+        entry["root-certificates"] = str(Path(root_certificates).resolve())
+    superlink[name] = entry
+    superlink["default"] = name
+    home.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(config))
+
+
+@contextlib.contextmanager
+def _process(command: list[str], env: Mapping[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """Run `command` in its own process group, output to `log`; stop the group when the context ends."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        process = subprocess.Popen(command, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield process
+    finally:
+        _stop_group(process)
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group `process` leads (its ServerApp/ClientApp children too), then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_healthy(address: str, process: subprocess.Popen, log: Path, root_certificates: Path | None,
+                  timeout_s: float = 60.0) -> None:
+    scheme = "http" if root_certificates is None else "https"
+    context = None if root_certificates is None else ssl.create_default_context(cafile=str(root_certificates))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LaunchError(f"flower-superlink exited with code {process.returncode}; see {log}")
+        with contextlib.suppress(OSError), \
+                urllib.request.urlopen(f"{scheme}://{address}/health", timeout=2, context=context) as reply:
+            if reply.status == 200:
+                return
+        time.sleep(0.3)
+    raise LaunchError(f"flower-superlink did not answer on {address} within {timeout_s:.0f} s; see {log}")
+
+
+@contextlib.contextmanager
+def superlink(home: Path, *, port: int | None = None, simulation: bool = False, certs: Path | None = None,
+              database: Path | None = None) -> Iterator[str]:
+    """A running `flower-superlink` on 127.0.0.1; yields its address. `certs` is a folder written by
+    `fedmammo certs` (TLS on), else insecure (simulation only). Its log is `home`/superlink.log."""
+    address = f"127.0.0.1:{port or free_port()}"
+    host, _, port_text = address.rpartition(":")
+    command = [_executable("flower-superlink"), "--host", host, "--port", port_text,
+               "--disable-runtime-dependency-installation"]
+    if simulation:
+        command.append("--simulation")
+    if certs is None:
+        command.append("--insecure")
+    else:
+        command += ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+                    "--ssl-keyfile", str(certs / "server.key")]
+    if database is not None:
+        command += ["--database", str(database)]
+    log = home / "superlink.log"
+    with _process(command, flower_env(home), log) as process:
+        _wait_healthy(address, process, log, None if certs is None else certs / "ca.crt")
+        yield address
+
+
+@contextlib.contextmanager
+def supernode(home: Path, superlink_address: str, node_config: Mapping[str, Any], *,
+              root_certificates: Path, port: int | None = None, log: Path | None = None
+              ) -> Iterator[subprocess.Popen]:
+    """A running `flower-supernode` dialling out to the SuperLink over TLS with its site's node config."""
+    command = [_executable("flower-supernode"), "--superlink", superlink_address,
+               "--root-certificates", str(root_certificates), "--port", str(port or free_port()),
+               "--node-config", node_config_text(node_config)]
+    with _process(command, flower_env(home), log or home / "supernode.log") as process:
+        yield process
+
+
+def node_config_text(values: Mapping[str, Any]) -> str:
+    """Flower's `--node-config` / `--run-config` syntax: `key="text" n=3 flag=true`."""
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
+
+
+def app_defaults(app: Path = APP_DIR) -> dict[str, Any]:
+    """The run config's keys and defaults, `[tool.flwr.app.config]` of the app's pyproject."""
+    return tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def _check_run_config(run_config: Mapping[str, Any], app: Path) -> None:
+    defaults = app_defaults(app)
+    unknown = sorted(set(run_config) - set(defaults))
+    if unknown:
+        raise LaunchError(f"unknown run-config key(s) {', '.join(unknown)}; known: {', '.join(defaults)}")
+
+
+def _flwr(home: Path, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
+    return subprocess.run([_executable("flwr"), *args], env=flower_env(home), capture_output=True, text=True,
+                          timeout=timeout_s, check=False)
+
+
+def run_status(home: Path, connection: str, run_id: int) -> dict[str, Any]:
+    """The SuperLink's record of a run (`flwr ls --run-id ID --format json`)."""
+    result = _flwr(home, "ls", connection, "--run-id", str(run_id), "--format", "json")
+    try:
+        runs = json.loads(result.stdout)["runs"]
+        return next(r for r in runs if int(r["run-id"]) == run_id)
+    except (ValueError, KeyError, StopIteration) as exc:
+        raise LaunchError(f"cannot read the status of run {run_id}: {result.stdout.strip()} "
+                          f"{result.stderr.strip()}") from exc
+
+
+def flwr_run(home: Path, connection: str, run_config: Mapping[str, Any], *, app: Path = APP_DIR,
+             federation_config: Mapping[str, Any] | None = None, timeout_s: float = 3600.0,
+             echo: Callable[[str], None] | None = None) -> RunOutcome:
+    """Submit the app to the SuperLink of `connection` with `run_config` overrides, follow its log until
+    it ends, and return the outcome the SuperLink recorded. Lines holding MARKER go to `echo`; the whole
+    log to `home`/run-<id>.log. On timeout the run is stopped."""
+    _check_run_config(run_config, app)
+    overrides = home / "run-config.toml"
+    overrides.write_text(tomli_w.dumps(dict(run_config)))
+    command = [_executable("flwr"), "run", str(app), connection, "--stream", "--run-config", str(overrides)]
+    if federation_config:
+        command += ["--federation-config", node_config_text(federation_config)]
+    log = home / "flwr-run.log"
+    with log.open("w") as out, subprocess.Popen(command, env=flower_env(home), stdout=subprocess.PIPE,
+                                                stderr=subprocess.STDOUT, text=True,
+                                                start_new_session=True) as process:
+        # The log stream can be silent for long stretches (local training): a timer enforces the limit.
+        timed_out = threading.Event()
+        watchdog = threading.Timer(timeout_s, lambda: (timed_out.set(), _stop_group(process)))
+        watchdog.start()
+        try:
+            run_id = _follow(process.stdout, out, echo)
+            process.wait()
+        finally:
+            watchdog.cancel()
+    if timed_out.is_set():
+        if run_id is not None:
+            _flwr(home, "stop", str(run_id), connection)
+        raise LaunchError(f"run {run_id} did not finish within {timeout_s:.0f} s and was stopped; see {log}")
+    if run_id is None:
+        raise LaunchError(f"`flwr run` did not start a run (exit code {process.returncode}); see {log}")
+    status = _final_status(home, connection, run_id)
+    traffic = status.get("network-traffic", {})
+    final_log = home / f"run-{run_id}.log"
+    log.replace(final_log)
+    return RunOutcome(run_id, status["status"], status.get("status-details", ""), float(status["elapsed"]),
+                      int(traffic.get("inbound-bytes", 0)), int(traffic.get("outbound-bytes", 0)), final_log)
+
+
+def _follow(stream: IO[str], out: IO[str], echo: Callable[[str], None] | None) -> int | None:
+    run_id = None
+    for raw in stream:
+        line = _ANSI.sub("", raw)
+        out.write(line)
+        if run_id is None and (match := _STARTED.search(line)):
+            run_id = int(match.group(1))
+        if echo is not None and MARKER in line:
+            echo(line[line.index(MARKER) + len(MARKER):].strip())
+    return run_id
+
+
+def _final_status(home: Path, connection: str, run_id: int, wait_s: float = 30.0) -> dict[str, Any]:
+    """The log stream can end a moment before the SuperLink records the run as finished: poll for it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        status = run_status(home, connection, run_id)
+        if status["status"].startswith("finished") or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+def simulate(data_root: Path, run_config: Mapping[str, Any], *, home: Path | None = None,
+             timeout_s: float = 3600.0, echo: Callable[[str], None] | None = None,
+             cpus_per_site: int = 1) -> RunOutcome:
+    """Run the federation in simulation, one virtual SuperNode per site folder of `data_root`
+    (`client.app.site_folders`: virtual node i reads the i-th).
+
+    `home` keeps the Flower state and logs (a temporary folder, removed afterwards, when None). Paths in
+    `run_config` should be absolute: the ServerApp and ClientApps do not run in this directory.
+    """
+    _check_run_config(run_config, APP_DIR)  # before any process starts
+    sites = site_folders(data_root)
+    if not sites:
+        raise LaunchError(f"{data_root}: no site folders (subfolders with a labels.csv)")
+    with contextlib.ExitStack() as stack:
+        if home is None:
+            home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedmammo-flwr-")))
+        home.mkdir(parents=True, exist_ok=True)
+        address = stack.enter_context(superlink(home, simulation=True))
+        write_connection(home, "fedmammo-simulation", address)
+        run_config = {**run_config, "data-root": str(Path(data_root).resolve())}
+        return flwr_run(home, "fedmammo-simulation", run_config,
+                        federation_config={"num-supernodes": len(sites),
+                                           "client-resources-num-cpus": cpus_per_site},
+                        timeout_s=timeout_s, echo=echo)
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def _run_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for item in args.run_config or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise LaunchError(f"--run-config {item!r}: expected KEY=VALUE")
+        try:
+            values[key] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key] = text  # a bare word is a string
+    if args.config:
+        values["config"] = str(Path(args.config).resolve())
+    if args.rounds is not None:
+        values["num-server-rounds"] = args.rounds
+    if args.resume:
+        values["resume"] = True
+    values["out-dir"] = str(Path(args.out).resolve())
+    return values
+
+
+def report_outcome(outcome: RunOutcome, out: Path) -> int:
+    """Print the run's real outcome; the exit code follows it, not `flwr run`'s."""
+    if not outcome.ok:
+        print(f"error: run {outcome.run_id} {outcome.status}: {outcome.details or 'no details'} "
+              f"(log: {outcome.log})", file=sys.stderr)
+        return 1
+    print(f"run {outcome.run_id} completed in {outcome.elapsed_s:.0f} s; "
+          f"report: {out / 'report' / 'report.md'}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """`fedmammo federate [DATA_ROOT] [--connection NAME] [--config FILE] [--out DIR] [--rounds N]
+    [--resume] [--run-config KEY=VALUE]... [--timeout S]`: simulation over DATA_ROOT's site folders, or
+    with --connection a run on that deployed SuperLink (from FLWR_HOME's config.toml)."""
+    try:
+        if bool(args.data_root) == bool(args.connection):
+            raise LaunchError("give DATA_ROOT (a simulation over its site folders) or --connection NAME "
+                              "(a deployed federation), not both")
+        run_config = _run_config_from_args(args)
+        out = Path(run_config["out-dir"])
+        if args.connection:  # `out` is on the machine that runs the SuperLink's ServerApp
+            home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+            outcome = flwr_run(home, args.connection, run_config, timeout_s=args.timeout, echo=_print)
+        else:
+            outcome = simulate(Path(args.data_root), run_config, home=out / "flower", timeout_s=args.timeout,
+                               echo=_print)
+    except (LaunchError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return report_outcome(outcome, out)
+
+
+def demo(args: argparse.Namespace) -> int:
+    """`fedmammo demo [--out DIR] [--config FILE] [--rounds N] [--baselines]`: synthetic data for three
+    sites with distinct vendors (`fedmammo synth`, skipped when OUT/data already holds the cohort), then
+    the federation in simulation, then the report; progress on the console, the report's path at the end."""
+    out = Path(args.out).resolve()
+    config = Path(args.config).resolve()
+    try:
+        rounds = args.rounds or load_config(config).train.epochs
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    data = out / "data"
+    if not (data / "cohort.json").is_file():
+        print(f"writing the synthetic cohort of {config} to {data} ...", flush=True)
+        if code := fedmammo(["synth", str(data), "--config", str(config)]):
+            return code
+    print(f"federated training: {rounds} rounds in simulation, one virtual SuperNode per site", flush=True)
+    federated = out / "federated" / time.strftime("%Y%m%d-%H%M%S")  # a new run each time
+    run_config = {"config": str(config), "num-server-rounds": rounds, "out-dir": str(federated),
+                  "baselines": bool(args.baselines)}
+    try:
+        outcome = simulate(data, run_config, home=out / "flower", timeout_s=args.timeout, echo=_print)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return report_outcome(outcome, federated)
+

@@ -1,0 +1,106 @@
+"""The federated evaluation's report folder: report.json, report.md in the study's table layout, the
+tables as CSV, ROC curves and learning curves as PNG, written together and atomically.
+
+The tables and ROC figures are `common.stats.report`'s, fed with the federated analysis (which has the
+layout of `common.stats.analyze`) and with the cases the pooled histograms stand for.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from client.site_stats import ALL
+from common.stats.report import comparisons_csv, raters_csv, roc_png, to_json, to_markdown, write_atomically
+from server.evaluation import expand
+
+_SPLITS = ("train", "val", "test")
+
+
+def _table1(sites: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Table 1: each site's exams per split (malignant), and the test set's dense and symptomatic."""
+    total: dict[str, dict[str, int]] = {}
+    for site in sites:
+        for split, values in site["counts"].items():
+            for key, value in values.items():
+                total.setdefault(split, {}).setdefault(key, 0)
+                total[split][key] += value
+
+    def row(name: str, counts: Mapping[str, Mapping[str, int]]) -> str:
+        zero = dict.fromkeys(("exams", "malignant", "dense", "symptomatic"), 0)
+        count = {split: {**zero, **counts.get(split, {})} for split in _SPLITS}
+        cells = [f"{count[s]['exams']} ({count[s]['malignant']})" for s in _SPLITS]
+        cells += [str(count["test"]["dense"]), str(count["test"]["symptomatic"])]
+        return f"| {name} | {' | '.join(cells)} |"
+
+    return ["## Table 1. Exams per site", "",
+            "| Site | Train (malignant) | Validation (malignant) | Test (malignant) | Test dense "
+            "| Test symptomatic |", "|---|---|---|---|---|---|",
+            *(row(s["site"], s["counts"]) for s in sites), row("**All sites**", total)]
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    run, evaluation = report["run"], report["evaluation"]
+    bn = "kept at each site (FedBN)" if run["batchnorm"] == "local" else "averaged"
+    lines = ["# Federated evaluation", "",
+             f"Run `{run['token']}`: {run['rounds']} rounds of {run['strategy']} over "
+             f"{len(report['sites'])} sites, BatchNorm {bn}. Every figure below was computed at the "
+             "coordinating center from the sites' histograms and sums; no case left its site. Tables 2–4 "
+             "follow the study: diagnostic performance of the federated model (`model`), the sites' "
+             "local-only models and the readers on all test exams with DeLong's paired tests, then the same "
+             "by density, symptoms and site. Kappa and McNemar's tests need each case's pair of calls, which "
+             "no site sends: they are not computed (n/e).", "",
+             *_table1(report["sites"]), ""]
+    tables = to_markdown(evaluation).splitlines()[1:]  # without its own document title
+    lines += ["## Tables 2–4. Diagnostic performance, comparisons and subgroups",
+              *("#" + line if line.startswith("## ") else line for line in tables)]
+    if evaluation.get("left_out"):
+        lines += ["", "Raters not analysed:", *(f"- {r}: {why}" for r, why in evaluation["left_out"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def learning_curves_png(rounds: Sequence[Mapping[str, Any]]) -> bytes:
+    """Training loss per round, and the pooled test AUC (95% CI) at each evaluated round, sites dotted."""
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    loss_ax, auc_ax = fig.subplots(1, 2)
+    for phase, ax, key in (("train", loss_ax, "loss"), ("evaluate", auc_ax, "auc")):
+        rows = [r for r in rounds if r["phase"] == phase and r.get(key) is not None]
+        for site in sorted({r["site"] for r in rows}, key=lambda s: (s != ALL, s)):
+            mine = [r for r in rows if r["site"] == site]
+            x, y = [r["round"] for r in mine], [r[key] for r in mine]
+            pooled = site == ALL
+            ax.plot(x, y, marker="o", linewidth=2.2 if pooled else 1, linestyle="-" if pooled else ":",
+                    label="pooled" if pooled else site)
+            if key == "auc" and pooled and all(r["auc_low"] is not None for r in mine):
+                ax.fill_between(x, [r["auc_low"] for r in mine], [r["auc_high"] for r in mine], alpha=0.2)
+        ax.set(xlabel="round", ylabel="training loss" if key == "loss" else "test AUC (95% CI)")
+        ax.legend(fontsize=8, frameon=False)
+        ax.grid(color="0.92")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def write_report(folder: Path, report: Mapping[str, Any]) -> Path:
+    """Write the report folder; `report["evaluation"]` is `server.evaluation.federated_analysis`'s result."""
+    evaluation = report["evaluation"]
+    files = {"report.json": to_json(report).encode(), "report.md": markdown(report).encode(),
+             "raters.csv": raters_csv(evaluation).encode(),
+             "comparisons.csv": comparisons_csv(evaluation).encode(),
+             "learning_curves.png": learning_curves_png(report["rounds"])}
+    for group, histograms in evaluation["histograms"].items():
+        table = evaluation if group == ALL else evaluation["subgroups"][group]
+        if any(r["auc"] is not None for r in table["raters"].values()):
+            truth, scores = expand(histograms, table["raters"])
+            name = "roc.png" if group == ALL else "roc_" + re.sub(r"[^A-Za-z0-9._-]+", "_", group) + ".png"
+            files[name] = roc_png(truth, scores, table, f"{'All sites' if group == ALL else group} "
+                                                        f"(n = {table['n_cases']})")
+    write_atomically({folder / name: data for name, data in files.items()})
+    return folder

@@ -1,0 +1,207 @@
+"""The ServerApp and ClientApp together, in this process (see test_federation_support): rounds,
+checkpoints and resume, failing sites, strategies, FedBN, and the federated evaluation's exactness."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum
+from test_federation_support import cohort, predictions, run_in_process, tiny_config, truth_and
+
+from client.app import WEIGHTS, initial_model, pack_weights, unpack_weights
+from client.site_stats import LOCAL_ONLY, MODEL
+from client.train import config_of, load_weights
+from common.checkpoint import latest_checkpoint, load_checkpoint
+from common.config import Config
+from common.model import build_model
+from common.stats import auc_ci, delong_test
+from common.stats.scores import parse_scores
+from server.app import RoundError, Settings, exchanged_keys, make_strategy
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    return cohort(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    return str(tiny_config(tmp_path_factory))
+
+
+@pytest.fixture(scope="module")
+def finished(sites, config, tmp_path_factory):
+    """A complete 2-round run with an evaluation after round 1, local-only baselines and the report."""
+    out = tmp_path_factory.mktemp("run")
+    run_in_process(sites, {"config": config, "num-server-rounds": 2, "local-steps": 2, "baselines": True,
+                           "out-dir": str(out)})
+    return out
+
+
+def test_a_run_checkpoints_every_round_and_writes_metrics_and_report(finished):
+    assert latest_checkpoint(finished / "checkpoints").name == "round-0002.safetensors"
+    assert (finished / "checkpoints" / "round-0001.safetensors").is_file()
+    with (finished / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["round"], r["phase"]) for r in rows} == {("1", "train"), ("1", "evaluate"), ("2", "train"),
+                                                         ("2", "evaluate")}
+    assert {r["site"] for r in rows} == {"all", "site1_helion", "site2_nordvik", "site3_kestrel"}
+    report = finished / "report"
+    for name in ("report.json", "report.md", "raters.csv", "comparisons.csv", "roc.png",
+                 "learning_curves.png", "roc_site_site1_helion.png"):
+        assert (report / name).stat().st_size > 0, name
+    text = (report / "report.md").read_text()
+    assert "Table 1" in text and "model vs local-only" in text and "### density=dense" in text
+    path = finished / "global.safetensors"  # what `fedmammo predict --weights` reads
+    checkpoint = load_checkpoint(path)
+    stored = config_of(checkpoint, path)
+    load_weights(build_model(stored.model, stored.data.bilateral), checkpoint, path)
+    assert checkpoint.metadata["round"] == 2 and stored.data.image_size == (64, 64)
+
+
+def test_pooled_auc_ci_and_delong_equal_the_central_computation_on_the_sites_files(finished):
+    evaluation = json.loads((finished / "report" / "report.json").read_text())["evaluation"]
+    rows = predictions(finished, 2)
+    assert len(rows) == 24  # 8 test exams at each of 3 sites
+    truth, model = truth_and(rows, MODEL)
+    auc, low, high = auc_ci(truth, model)
+    assert evaluation["raters"][MODEL]["auc"] == pytest.approx(auc, abs=1e-12)
+    assert evaluation["raters"][MODEL]["auc_ci"] == pytest.approx([low, high], abs=1e-12)
+    senior = [r["reader_senior1"] for r in rows]  # BI-RADS reads, on the statistics' ordinal scale
+    reads = {LOCAL_ONLY: truth_and(rows, LOCAL_ONLY)[1],
+             "reader_senior1": parse_scores(senior, "reader", range(len(rows)))[0]}
+    for other, scores in reads.items():
+        z, p = delong_test(truth, model, scores)
+        entry = next(c for c in evaluation["comparisons"] if c["b"] == other)
+        assert (entry["z"], entry["p"]) == pytest.approx((z, p), abs=1e-9)
+
+
+def test_each_sites_table_equals_its_own_file(finished):
+    evaluation = json.loads((finished / "report" / "report.json").read_text())["evaluation"]
+    for path in sorted(finished.glob("sites/*/runs/*/predictions/round-0002.csv")):
+        site = path.parents[3].name
+        with path.open(newline="") as f:
+            truth, model = truth_and(list(csv.DictReader(f)), MODEL)
+        table = evaluation["subgroups"][f"site={site}"]
+        assert table["n_cases"] == len(truth)
+        if min(truth.sum(), (~truth).sum()) >= 2:
+            assert table["raters"][MODEL]["auc"] == pytest.approx(auc_ci(truth, model)[0], abs=1e-12)
+        else:
+            assert table["raters"][MODEL]["auc_ci"] is None
+
+
+def test_nothing_per_case_reaches_the_server(finished):
+    """The report and checkpoints hold no exam ids: the prediction files stay in the sites' folders."""
+    exam = predictions(finished, 2)[0]["exam_id"]
+    for path in [*finished.glob("report/*"), *finished.glob("checkpoints/*"), finished / "metrics.csv"]:
+        assert exam.encode() not in path.read_bytes(), path
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(sites, config, tmp_path):
+    """FedAdam (server state: Adam moments) with FedBN (site state: BatchNorm layers)."""
+    run = {"config": config, "strategy": "fedadam", "server-lr": 0.01, "batchnorm": "local", "eval-every": 0,
+           "local-steps": 1}
+    run_in_process(sites, {**run, "num-server-rounds": 2, "out-dir": str(tmp_path / "straight")})
+    run_in_process(sites, {**run, "num-server-rounds": 1, "out-dir": str(tmp_path / "stopped")})
+    with pytest.raises(ValueError, match="already holds a run"):
+        run_in_process(sites, {**run, "num-server-rounds": 2, "out-dir": str(tmp_path / "stopped")})
+    with pytest.raises(ValueError, match=r"different settings.*strategy"):
+        run_in_process(sites, {**run, "strategy": "fedavg", "num-server-rounds": 2, "resume": True,
+                               "out-dir": str(tmp_path / "stopped")})
+    run_in_process(sites, {**run, "num-server-rounds": 2, "resume": True,
+                           "out-dir": str(tmp_path / "stopped")})
+
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "round-0002.safetensors")
+    resumed = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "round-0002.safetensors")
+    assert straight.tensors.keys() == resumed.tensors.keys()
+    assert any(k.startswith("strategy::v_t::") for k in resumed.tensors)
+    assert not any("norm" in k for k in resumed.tensors if not k.startswith("strategy::"))  # FedBN
+    for key, value in straight.tensors.items():
+        assert torch.equal(value, resumed.tensors[key]), key
+    assert straight.metadata["history"][-1]["loss"] == resumed.metadata["history"][-1]["loss"]
+    for site in ("site1_helion", "site3_kestrel"):  # the sites' own BatchNorm state, too
+        [a] = (tmp_path / "straight" / "sites" / site).glob("runs/*/local-state/round-0002.safetensors")
+        [b] = (tmp_path / "stopped" / "sites" / site).glob("runs/*/local-state/round-0002.safetensors")
+        kept_a, kept_b = load_checkpoint(a).tensors, load_checkpoint(b).tensors
+        assert any("norm" in k for k in kept_a)
+        assert all(torch.equal(kept_a[k], kept_b[k]) for k in kept_a)
+
+
+def test_a_round_in_which_every_site_fails_stops_the_run_without_a_checkpoint(sites, config, tmp_path):
+    with pytest.raises(RoundError, match=r"round 1 training: no site replied: 3 of 3 failed \(RuntimeError"):
+        run_in_process(sites, {"config": config, "out-dir": str(tmp_path)}, fail=[0, 1, 2])
+    assert latest_checkpoint(tmp_path / "checkpoints") is None
+
+
+def test_a_site_without_training_exams_fails_by_name(sites, config, tmp_path):
+    empty = tmp_path / "sites" / "site9_empty"
+    empty.mkdir(parents=True)
+    (empty / "labels.csv").write_text((sites / "site1_helion" / "labels.csv").read_text())
+    run = {"config": config, "min-nodes": 1, "out-dir": str(tmp_path / "out")}
+    with pytest.raises(RoundError, match=r"1 of 1 failed \(RuntimeError: site site9_empty: no training"):
+        run_in_process(tmp_path / "sites", run)
+
+
+def test_a_failed_site_is_left_out_and_the_round_goes_on(sites, config, tmp_path):
+    run_in_process(sites, {"config": config, "num-server-rounds": 1, "local-steps": 1,
+                           "out-dir": str(tmp_path)}, fail=[1])
+    with (tmp_path / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["site"] for r in rows if r["phase"] == "train"} == {"site1_helion", "site3_kestrel", "all"}
+    assert [r["n"] for r in rows if r["phase"] == "evaluate" and r["site"] == "all"] == ["16"]
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedavgm", "krum"])
+def test_strategies_run_a_round(sites, config, tmp_path, strategy):
+    grid = run_in_process(sites, {"config": config, "strategy": strategy, "num-server-rounds": 1,
+                                  "local-steps": 1, "out-dir": str(tmp_path)})
+    trained = load_checkpoint(tmp_path / "checkpoints" / "round-0001.safetensors").tensors
+    start = initial_model(Config()).state_dict()
+    assert not torch.equal(trained["malignancy.weight"], start["malignancy.weight"])
+    mu = [m.content["config"].get("proximal-mu") for m in grid.sent if m.metadata.message_type == "train"]
+    assert mu == ([0.01] * 3 if strategy == "fedprox" else [None] * 3)
+
+
+def test_exchanged_weights_leave_batchnorm_counters_and_with_fedbn_every_batchnorm_entry_at_the_site():
+    model = initial_model(Config())
+    averaged, fedbn = exchanged_keys(model, "average"), exchanged_keys(model, "local")
+    assert "features.norm0.running_mean" in averaged and "features.norm0.num_batches_tracked" not in averaged
+    assert not [k for k in fedbn if "norm" in k]
+    assert "features.conv0.weight" in fedbn and "malignancy.bias" in fedbn
+
+
+def test_weights_travel_as_one_array_and_come_back_exactly():
+    state = initial_model(Config()).state_dict()
+    keys = exchanged_keys(initial_model(Config()), "average")
+    packed = pack_weights(state, keys)
+    assert list(packed) == [WEIGHTS] and packed[WEIGHTS].numpy().dtype == np.float32
+    back = unpack_weights(packed, keys, state)
+    assert all(torch.equal(back[k], state[k]) for k in keys)
+    with pytest.raises(ValueError, match="config mismatch"):
+        unpack_weights(packed, keys[:-1], state)
+
+
+def test_settings_name_the_wrong_key(tmp_path):
+    from server.launch import app_defaults
+    good = {**app_defaults(), "out-dir": str(tmp_path)}
+    assert Settings.from_run_config(good).strategy == "fedavg"
+    with pytest.raises(ValueError, match="strategy 'fedsgd' is not one of fedavg"):
+        Settings.from_run_config({**good, "strategy": "fedsgd"})
+    with pytest.raises(ValueError, match="run config num-server-rounds = 'three': expected a int"):
+        Settings.from_run_config({**good, "num-server-rounds": "three"})
+    with pytest.raises(ValueError, match="run config baselines = 1: expected a bool"):
+        Settings.from_run_config({**good, "baselines": 1})
+    with pytest.raises(ValueError, match="does not exist"):
+        Settings.from_run_config({**good, "config": str(tmp_path / "missing.toml")})
+    with pytest.raises(ValueError, match="run config out-dir = 'runs/x': give an absolute path"):
+        Settings.from_run_config({**good, "out-dir": "runs/x"})
+    expected = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedavgm": FedAvgM,
+                "trimmed-mean": FedTrimmedAvg, "median": FedMedian, "krum": Krum}
+    for name, kind in expected.items():
+        strategy = make_strategy(dataclasses.replace(Settings.from_run_config(good), strategy=name), Config())
+        assert type(strategy) is kind and strategy.min_available_nodes == good["min-nodes"]
