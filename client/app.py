@@ -50,7 +50,8 @@ from client.site_stats import (
     to_json,
 )
 from client.train import train_epochs
-from common.checkpoint import load_checkpoint, save_checkpoint, write_atomic
+from common.atomic import write_atomic
+from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import Config, config_from_dict
 from common.model import build_model
 

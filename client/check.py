@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from client.prepare import PreparedSite, prepare_site
-from common.checkpoint import write_atomic
+from common.atomic import write_atomic
 from common.config import load_config
 from common.labels import SPLITS
 

@@ -13,7 +13,8 @@ from client.device import resolve_runtime, set_threads
 from client.evaluate import metrics, predict
 from client.prepare import prepare_site
 from client.train import config_of, flat_config, load_weights
-from common.checkpoint import load_checkpoint, write_atomic
+from common.atomic import write_atomic
+from common.checkpoint import load_checkpoint
 from common.config import load_config
 from common.model import build_model
 

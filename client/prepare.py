@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common.checkpoint import write_atomic
+from common.atomic import write_atomic
 from common.config import Config
 from common.dicom import DicomError, read_view
 from common.exams import LABELS_FILE, Exam, Rejection, pair_exams, scan_site

@@ -21,6 +21,7 @@ from client.data import ExamTensors, batches, device_generator, epoch_order, exa
 from client.device import Runtime, resolve_runtime, seed_everything, set_threads
 from client.evaluate import Metrics, evaluate
 from client.prepare import PreparedSite, prepare_site
+from common.atomic import write_atomic
 from common.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -30,7 +31,6 @@ from common.checkpoint import (
     optimizer_tensors,
     restore_optimizer,
     save_checkpoint,
-    write_atomic,
 )
 from common.config import Config, config_from_dict, load_config
 from common.model import MultiTaskLoss, build_model

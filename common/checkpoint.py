@@ -8,11 +8,8 @@ the checkpoints names the newest one, which is what a resumed run starts from.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +19,8 @@ import safetensors
 import safetensors.torch
 import torch
 from torch import Tensor
+
+from common.atomic import write_atomic
 
 LATEST = "latest"
 OPTIMIZER_PREFIX = "optimizer::"
@@ -41,28 +40,6 @@ class Checkpoint:
 
     def model_state(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.tensors.items() if not k.startswith(OPTIMIZER_PREFIX)}
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write a whole file so that readers (and a crash) see the old content or the new, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _digest(tensors: Mapping[str, Tensor], metadata: str) -> str:

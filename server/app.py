@@ -46,7 +46,8 @@ from torch import nn
 from client.app import WEIGHTS, absolute_path, initial_model, pack_weights, parse_config, unpack_weights
 from client.device import set_threads
 from client.site_stats import ALL, MODEL, to_json
-from common.checkpoint import latest_checkpoint, load_checkpoint, mark_latest, save_checkpoint, write_atomic
+from common.atomic import write_atomic
+from common.checkpoint import latest_checkpoint, load_checkpoint, mark_latest, save_checkpoint
 from common.config import Config
 from server.evaluation import SITE_GROUP, common_raters, decode, estimable, federated_analysis, pool_groups
 from server.launch import APP_DIR, MARKER

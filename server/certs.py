@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.checkpoint import write_atomic
+from common.atomic import write_atomic
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 FILES = ("ca.crt", "ca.key", "server.pem", "server.key")

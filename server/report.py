@@ -17,7 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from client.site_stats import ALL
-from common.stats.report import comparisons_csv, raters_csv, roc_png, to_json, to_markdown, write_atomically
+from common.atomic import write_files_atomic
+from common.stats.report import comparisons_csv, raters_csv, roc_png, to_json, to_markdown
 from server.evaluation import expand
 
 _SPLITS = ("train", "val", "test")
@@ -102,5 +103,5 @@ def write_report(folder: Path, report: Mapping[str, Any]) -> Path:
             name = "roc.png" if group == ALL else "roc_" + re.sub(r"[^A-Za-z0-9._-]+", "_", group) + ".png"
             files[name] = roc_png(truth, scores, table, f"{'All sites' if group == ALL else group} "
                                                         f"(n = {table['n_cases']})")
-    write_atomically({folder / name: data for name, data in files.items()})
+    write_files_atomic({folder / name: data for name, data in files.items()})
     return folder

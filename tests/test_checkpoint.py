@@ -9,6 +9,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from common.atomic import write_atomic
 from common.checkpoint import (
     LATEST,
     CheckpointError,
@@ -18,7 +19,6 @@ from common.checkpoint import (
     optimizer_tensors,
     restore_optimizer,
     save_checkpoint,
-    write_atomic,
 )
 
 

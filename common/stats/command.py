@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common.atomic import write_files_atomic
 from common.stats._validation import StatsInputError, check_class_counts
 from common.stats.analysis import analyze, subgroup_labels
-from common.stats.report import report_files, to_json, write_atomically
+from common.stats.report import report_files, to_json
 from common.stats.scores import (
     RaterScores,
     ScoreKind,
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fedmammo stats: error: {e}", file=sys.stderr)
         return 2
     try:
-        write_atomically(outputs)
+        write_files_atomic(outputs)
     except OSError as e:
         print(f"fedmammo stats: error: cannot write outputs: {e}", file=sys.stderr)
         return 1

@@ -9,11 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -165,20 +162,3 @@ def report_files(result: Mapping[str, Any], truth: np.ndarray, raters: Mapping[s
     return files
 
 
-def write_atomically(files: Mapping[Path, bytes]) -> None:
-    """Write every file or none: all go to temporary files beside their targets first, then each is
-    renamed into place (atomic per file), so a failure never leaves a half-written output."""
-    temporary: dict[Path, str] = {}
-    try:
-        for path, data in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temporary[path] = tmp
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        for path, tmp in temporary.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in temporary.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)

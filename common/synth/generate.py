@@ -14,7 +14,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -24,6 +23,7 @@ import numpy as np
 from pydicom.uid import UID, generate_uid
 from tqdm import tqdm
 
+from common.atomic import write_atomic
 from common.labels import REQUIRED_COLUMNS, SPLITS
 from common.synth.cohort import Case, plan_site
 from common.synth.dicom_writer import ImageInfo, StudyInfo, build_dataset, to_bytes
@@ -93,19 +93,6 @@ def plan(spec: CohortSpec) -> list[Site]:
     return sites
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that no reader sees it half-written (a temp file in the same folder, then renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _uid(seed: int, *parts: object) -> UID:
     return generate_uid(entropy_srcs=["fedmammo-synth", *(f"|{p}" for p in (seed, *parts))])
 
@@ -158,7 +145,7 @@ def write_study(case: Case, profile: VendorProfile, site_dir: Path, scale: float
         uid = image_uid(seed, case, laterality, view)
         image = ImageInfo(uid, number, laterality, view, round(spacing, 6))
         dataset = build_dataset(profile, study, image, presented)
-        write_atomic(folder / f"{image.sop_uid}.dcm", to_bytes(dataset))
+        write_atomic(folder / f"{image.sop_uid}.dcm", to_bytes(dataset), durable=False)
 
 
 def _write_study_task(args: tuple) -> None:
