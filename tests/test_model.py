@@ -21,14 +21,6 @@ from common.model import (
 SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a small shared machine, more threads than free cores stall for seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from dicom_factory import write_site
-from test_train import make_site, one_thread  # noqa: F401 (one_thread: autouse fixture)
+from test_train import make_site
 
 import client.predict
 import client.train
