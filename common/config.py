@@ -73,6 +73,8 @@ class SynthConfig:
     seed: int = 0
     scale: float = 0.125
     """Matrix size relative to each vendor's real detector (1.0 = full size, ~20 MB a file)."""
+    conspicuity: float = 1.0
+    """Multiplies every lesion's contrast: the cohort's difficulty knob (docs/synthetic-data.md)."""
 
 
 @dataclass

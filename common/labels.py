@@ -21,6 +21,8 @@ REQUIRED_COLUMNS = (
     "patient_id", "study_uid", "laterality", "pathology", "birads", "density", "symptomatic", "split",
 )
 SPLITS = ("train", "val", "test")
+DENSE = ("c", "d")
+"""BI-RADS densities the study counts as dense breasts."""
 
 
 def exam_id(study_uid: str, laterality: str) -> str:
@@ -47,7 +49,7 @@ class ExamLabel:
     @property
     def dense(self) -> bool:
         """BI-RADS density c/d, as the study splits its subgroups."""
-        return self.density in ("c", "d")
+        return self.density in DENSE
 
 
 class LabelsError(ValueError):

@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
 from common.cli import main
 from common.dicom import read_view
-from common.labels import REQUIRED_COLUMNS
+from common.labels import REQUIRED_COLUMNS, read_labels
 from common.synth.dicom_writer import PATIENT_ORIENTATION
 from common.synth.generate import CohortSpec, generate, plan
 from common.synth.readers import Reader
@@ -52,6 +52,9 @@ def test_layout_labels_and_summary(cohort: Path) -> None:
         with open(cohort / site.name / "labels.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         assert list(rows[0]) == [*REQUIRED_COLUMNS, "reader_a", "reader_b"]
+        labels, rejected = read_labels(cohort / site.name / "labels.csv")  # the product's own parser
+        assert len(labels) == 4 and not rejected
+        assert all(label.readers.keys() == {"reader_a", "reader_b"} for label in labels.values())
         assert [r["split"] for r in rows].count("train") == 2 == described["exams"]["train"]
         for row in rows:
             study = cohort / site.name / row["patient_id"] / row["study_uid"]

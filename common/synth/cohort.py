@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.labels import SPLITS
+from common.labels import DENSE, SPLITS
 from common.synth.phantom import IDEAL_SEPARATION
 from common.synth.readers import DEFAULT_READERS, Reader, read_cases, reader_rng
 
@@ -22,7 +22,6 @@ PREVALENCE = 0.14
 """Share of malignant exams (the study: 65 of 460)."""
 DENSITY_SHARES = {"a": 0.07, "b": 0.24, "c": 0.47, "d": 0.22}
 """BI-RADS density mix: 69% dense (c/d), as in the study."""
-DENSE = ("c", "d")
 SYMPTOMATIC = {True: 0.55, False: 0.25}
 """Chance of a palpable lump, pain or nipple discharge, for malignant and benign cases."""
 CLINICAL_READER = Reader("clinical", 0.90, 0.62)

@@ -49,9 +49,12 @@ def _spec(args: argparse.Namespace) -> CohortSpec:
     scale, where = _setting(args, synth, "scale")
     if isinstance(scale, bool) or not isinstance(scale, int | float):
         raise ValueError(f"{where} must be a number; got {scale!r}")
+    if isinstance(synth.conspicuity, bool) or not isinstance(synth.conspicuity, int | float) \
+            or synth.conspicuity <= 0:
+        raise ValueError(f"[synth] conspicuity must be a number > 0; got {synth.conspicuity!r}")
     readers = tuple(parse_reader(text) for text in args.reader) if args.reader else DEFAULT_READERS
     return CohortSpec(**counts, seed=_whole(*_setting(args, synth, "seed"), minimum=0), scale=float(scale),
-                      readers=readers)
+                      readers=readers, conspicuity=float(synth.conspicuity))
 
 
 def _prepare(out: Path) -> None:
@@ -67,23 +70,22 @@ def _prepare(out: Path) -> None:
         names = [site["name"] for site in json.loads(previous.read_text())["sites"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{previous}: unreadable ({exc}); delete {out} by hand") from None
-    previous.unlink()
     for name in names:
-        if name and "/" not in name and name not in (".", ".."):
-            shutil.rmtree(out / name, ignore_errors=True)
+        if name and "/" not in name and name not in (".", "..") and (out / name).is_dir():
+            shutil.rmtree(out / name)
+    previous.unlink()  # last: if a removal fails, the next run still knows what to replace
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        spec = _spec(args)
-        out = Path(args.out)
-        _prepare(out)
-    except ValueError as exc:
-        print(f"fedmammo synth: {exc}", file=sys.stderr)
-        return 2
+    out = Path(args.out)
     start = time.perf_counter()
     try:
+        spec = _spec(args)
+        _prepare(out)
         summary = generate(spec, out, progress=sys.stderr.isatty())
+    except ValueError as exc:  # settings or OUT the user must fix (raised before anything is written)
+        print(f"fedmammo synth: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"fedmammo synth: cannot write {out}: {exc}", file=sys.stderr)
         return 2

@@ -113,6 +113,12 @@ def image_uid(seed: int, case: Case, laterality: str, view: str) -> UID:
     return _uid(seed, case.site, case.index, laterality, view)
 
 
+def image_path(site_dir: Path, seed: int, case: Case, laterality: str, view: str) -> Path:
+    """Where a view of a patient's study is written: `<site>/<PatientID>/<StudyUID>/<SOPUID>.dcm`."""
+    sop_uid = image_uid(seed, case, laterality, view)
+    return site_dir / case.patient_id / study_uid(seed, case) / f"{sop_uid}.dcm"
+
+
 def write_study(case: Case, profile: VendorProfile, site_dir: Path, scale: float, seed: int,
                 conspicuity: float) -> None:
     """Render and write the four views of one patient's study."""
@@ -133,7 +139,7 @@ def write_study(case: Case, profile: VendorProfile, site_dir: Path, scale: float
         device_serial=f"{profile.key.upper()}-{case.site + 1:03d}",
     )
     shape, spacing = profile.shape(scale), profile.spacing(scale)
-    folder = site_dir / case.patient_id / study.study_uid
+    pixel_mm = round(spacing, 6)  # as written in PixelSpacing
     for number, (laterality, view) in enumerate(IMAGES, start=1):
         labelled = laterality == case.laterality
         attenuation, mask = render_view(breast if labelled else contralateral, view, shape, spacing, rng,
@@ -142,10 +148,9 @@ def write_study(case: Case, profile: VendorProfile, site_dir: Path, scale: float
         if laterality == "R":  # a detector sees a right breast mirrored: chest wall on the right
             presented = Presentation(np.ascontiguousarray(presented.pixels[:, ::-1]), presented.window,
                                      presented.lut)
-        uid = image_uid(seed, case, laterality, view)
-        image = ImageInfo(uid, number, laterality, view, round(spacing, 6))
+        image = ImageInfo(image_uid(seed, case, laterality, view), number, laterality, view, pixel_mm)
         dataset = build_dataset(profile, study, image, presented)
-        write_atomic(folder / f"{image.sop_uid}.dcm", to_bytes(dataset), durable=False)
+        write_atomic(image_path(site_dir, seed, case, laterality, view), to_bytes(dataset), durable=False)
 
 
 def _write_study_task(args: tuple) -> None:

@@ -24,26 +24,29 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import nn
 
+from common.dicom import read_view
+from common.preprocess import preprocess_view
 from common.stats.delong import auc_ci
-from common.synth.generate import CohortSpec, anatomy, generate, image_uid, plan, study_uid
+from common.synth.generate import CohortSpec, anatomy, generate, image_path, plan
 
 VIEW_SIZE = (128, 96)
 """The demo's view size (configs/demo.toml)."""
 
 
 def _read_exam(paths: tuple[Path, Path]) -> np.ndarray:
-    from common.dicom import read_view
-    from common.preprocess import preprocess_view
-
     return np.stack([preprocess_view(read_view(p).pixels, VIEW_SIZE) for p in paths])
 
 
 def load_cohort(spec: CohortSpec, out: Path, workers: int) -> dict[str, np.ndarray]:
     """Each labelled exam's preprocessed CC and MLO, its label, split and lesion features."""
     cases = [(site, case) for site in plan(spec) for case in site.cases]
-    paths = [tuple(out / site.name / case.patient_id / study_uid(spec.seed, case)
-                   / f"{image_uid(spec.seed, case, case.laterality, view)}.dcm" for view in ("CC", "MLO"))
+    paths = [tuple(image_path(out / site.name, spec.seed, case, case.laterality, v) for v in ("CC", "MLO"))
              for site, case in cases]
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         views = np.stack(list(pool.map(_read_exam, paths, chunksize=8)))
@@ -63,10 +66,6 @@ def load_cohort(spec: CohortSpec, out: Path, workers: int) -> dict[str, np.ndarr
 
 
 def feature_scores(data: dict[str, np.ndarray]) -> np.ndarray:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     train = data["train"]
     model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=1000))
     model.fit(data["features"][train], data["malignant"][train])
@@ -74,9 +73,6 @@ def feature_scores(data: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def cnn_scores(data: dict[str, np.ndarray], epochs: int, seed: int) -> np.ndarray:
-    import torch
-    from torch import nn
-
     torch.manual_seed(seed)
 
     def block(cin: int, cout: int) -> nn.Sequential:
