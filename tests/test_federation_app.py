@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum
-from test_federation_support import cohort, predictions, run_in_process, tiny_config, truth_and
+from test_federation_support import predictions, run_in_process, truth_and
 
 from client.app import WEIGHTS, initial_model, pack_weights, unpack_weights
 from client.site_stats import LOCAL_ONLY, MODEL
@@ -22,16 +22,6 @@ from common.model import build_model
 from common.stats import auc_ci, delong_test
 from common.stats.scores import parse_scores
 from server.app import RoundError, Settings, exchanged_keys, make_strategy
-
-
-@pytest.fixture(scope="module")
-def sites(tmp_path_factory):
-    return cohort(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-    return str(tiny_config(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")

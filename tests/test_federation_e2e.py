@@ -8,7 +8,7 @@ import contextlib
 import json
 
 import pytest
-from test_federation_support import cohort, predictions, tiny_config, truth_and
+from test_federation_support import predictions, truth_and
 
 from client.app import site_folders
 from client.site_stats import MODEL
@@ -19,15 +19,6 @@ from server.launch import flwr_run, simulate, superlink, supernode, write_connec
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def sites(tmp_path_factory):
-    return cohort(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory):
-    return str(tiny_config(tmp_path_factory))
 
 
 def assert_report_matches_the_sites_files(out, rounds):
