@@ -7,6 +7,9 @@ and a whole run against the same training without Flower. Prints Markdown tables
 - overhead per round = the round's wall time at the server minus the slowest site's local training
   (both from fedmammo's metrics.csv); Flower's own = the round time of a bare app in the same
   federation whose ClientApp returns the model-sized array it gets (no torch, no data);
+- a third reference, in deployment, is the bare app importing torch and torchvision in its ClientApp:
+  Flower 1.41 starts a fresh ClientApp process for every message, so that import is the floor of any
+  PyTorch app's round there;
 - the whole-run ratio compares the `flwr run` simulation with the same ServerApp and ClientApp called in
   one process (tests/test_federation_support's in-process Grid): same rounds, same training, no Flower.
 """
@@ -55,6 +58,7 @@ clientapp = "noop_app:client"
 rounds = 3
 values = 1
 min-nodes = 3
+import-torch = false
 """
 NOOP_APP = '''\
 """A bare Flower app: the server sends a model-sized float32 array, each ClientApp sends it back + 1."""
@@ -72,6 +76,9 @@ client = ClientApp()
 
 @client.train()
 def train(msg: Message, context: Context) -> Message:
+    if context.run_config["import-torch"]:  # what any PyTorch ClientApp pays in a fresh process
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
     weights = msg.content["arrays"]["weights"].numpy() + 1
     return Message(RecordDict({"arrays": ArrayRecord({"weights": Array(weights)})}), reply_to=msg)
 
@@ -155,7 +162,7 @@ def main() -> None:
 
     certs = runs / "certs"
     make_certificates(certs, ["localhost", "127.0.0.1"])
-    bare = []
+    bare, torch_floor = [], []
     with contextlib.ExitStack() as stack:
         address = stack.enter_context(superlink(runs / "center", certs=certs))
         for site in site_folders(data):
@@ -167,6 +174,8 @@ def main() -> None:
         deployed = flwr_run(runs / "center", "loopback",
                             {**run, "min-nodes": 3, "out-dir": str(runs / "dep")})
         flwr_run(runs / "center", "loopback", noop_config, app=noop, echo=bare.append)
+        flwr_run(runs / "center", "loopback", {**noop_config, "import-torch": True}, app=noop,
+                 echo=torch_floor.append)
     results["deployment (TLS, loopback)"] = (_rounds(runs / "dep"), _noop_rounds(bare), deployed)
 
     print(f"\n### Per-round overhead, {args.rounds} rounds, 3 sites, 64×64, 1 local step "
@@ -183,6 +192,10 @@ def main() -> None:
               f"| {_summary(overhead)} | {_summary(flower[1:] or flower)} "
               f"| {statistics.median(overhead) / statistics.median(flower[1:] or flower):.2f} "
               f"| {up / model_bytes:.2f} / {down / model_bytes:.2f} |")
+    floor = _noop_rounds(torch_floor)
+    print(f"\nDeployment, the bare app importing torch + torchvision in its ClientApp: round "
+          f"{_summary(floor[1:] or floor)} s (fedmammo's overhead above that floor: "
+          f"{statistics.median(overhead) - statistics.median(floor[1:] or floor):.1f} s)")
 
     if args.demo_rounds < 1:
         return

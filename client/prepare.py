@@ -6,25 +6,31 @@ exams paired → every view decoded and preprocessed → arrays.
 
 Decoding runs in worker processes, one file at a time each, so that a file that hangs or crashes a codec
 costs only its worker: after `decode_timeout_s` the worker is killed and replaced and the file rejected.
+A worker's address space is capped (`DECODE_MEMORY_BYTES` above what it holds when ready), so that a file
+whose codec asks for absurd memory fails with MemoryError, a rejection, instead of exhausting the host.
 Workers come from a fork server, not a plain fork: the parent may run threads (torch, Flower) that a fork
 would copy in a broken state. As with `spawn`, a script that calls `prepare_site` must guard its entry
 point with `if __name__ == "__main__":` (workers import the main module).
 
 Preprocessed views are cached per file (key: path, size, modification time, image size, `CACHE_VERSION`)
 and written atomically, so a second run and every federated round skip decoding. A file's rejection is
-cached too, except a time-out, which may have been a busy machine.
+cached too, except a time-out, which may have been a busy machine. The prepared site as a whole is kept
+as well (key: every file's path, size and modification time, and labels.csv's), so that a federated
+message, which Flower runs in a fresh process, reads one file instead of every DICOM header.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import multiprocessing
 import os
+import resource
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
@@ -33,15 +39,18 @@ from tqdm import tqdm
 
 from common.atomic import write_atomic
 from common.config import Config
-from common.dicom import DicomError, read_view
-from common.exams import LABELS_FILE, Exam, Rejection, pair_exams, scan_site
+from common.exams import LABELS_FILE, Exam, Rejection, pair_exams, scan_site, site_files
 from common.labels import ExamLabel, read_labels
-from common.preprocess import preprocess_view
 
 CACHE_VERSION = 1
 """Bump when reading or preprocessing changes what a cached view holds."""
+_TIMED_OUT = "decoding timed out"
+"""Start of a time-out's reason: never cached, as it may have been a busy machine."""
 _START_TIMEOUT_S = 300.0
 """A worker that is not ready by then means a broken installation, not a bad file."""
+DECODE_MEMORY_BYTES = 4 << 30
+"""Address space a decoding worker may add: the largest accepted image (`common.dicom.MAX_PIXELS`) needs
+well under 2 GiB on its way through codec, LUT and resizing."""
 
 Decoded = tuple[str, np.ndarray] | str
 """A decoded view, (laterality, float16 (H, W) model input), or the reason it was rejected."""
@@ -76,6 +85,9 @@ class PreparedSite:
 
 def decode_view(path: Path, size: tuple[int, int]) -> Decoded:
     """Read and preprocess one file; any failure becomes its reason, so that one file never stops a site."""
+    from common.dicom import DicomError, read_view  # in the decoding workers only (see `scan_site`)
+    from common.preprocess import preprocess_view
+
     try:
         view = read_view(path)
         return view.laterality, preprocess_view(view.pixels, size).astype(np.float16)
@@ -87,10 +99,19 @@ def decode_view(path: Path, size: tuple[int, int]) -> Decoded:
         return f"pixel data unreadable: {type(exc).__name__}: {exc}"
 
 
-def _worker(conn: Connection, size: tuple[int, int]) -> None:
+def limit_memory(extra: int) -> None:
+    """Cap this process's address space at its current size plus `extra` bytes (Linux)."""
+    current = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = current + extra if hard == resource.RLIM_INFINITY else min(current + extra, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+
+
+def _worker(conn: Connection, size: tuple[int, int], memory: int) -> None:
     import torch
 
     torch.set_num_threads(1)  # the parallelism is the processes
+    limit_memory(memory)
     conn.send("ready")
     try:
         while (path := conn.recv()) is not None:
@@ -102,11 +123,11 @@ def _worker(conn: Connection, size: tuple[int, int]) -> None:
 class _Worker:
     """One decoding process and the file it is working on."""
 
-    def __init__(self, size: tuple[int, int]) -> None:
+    def __init__(self, size: tuple[int, int], memory: int) -> None:
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["torch", __name__])
+        context.set_forkserver_preload(["torch", "common.dicom", "common.preprocess", __name__])
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_worker, args=(child, size), daemon=True)
+        self.process = context.Process(target=_worker, args=(child, size, memory), daemon=True)
         self.process.start()
         child.close()
         self.path: Path | None = None
@@ -133,7 +154,7 @@ class _Worker:
         elif self.process.sentinel not in ready:
             if now < self.deadline:
                 return None
-            return f"decoding timed out: still decoding after {timeout:g} s", False
+            return f"{_TIMED_OUT}: still decoding after {timeout:g} s", False
         self.process.join()
         return f"pixel data unreadable: the decoder process died (exit code {self.process.exitcode})", False
 
@@ -144,16 +165,19 @@ class _Worker:
 
 
 def decode_files(paths: Sequence[Path], size: tuple[int, int], workers: int, timeout: float,
-                 progress: bool = False, desc: str = "decoding") -> dict[Path, Decoded]:
-    """Decode `paths` in `workers` processes (0 = one per CPU core this process may use); a file still
-    decoding after `timeout` seconds, or whose worker dies, is rejected and its worker replaced."""
+                 progress: bool = False, desc: str = "decoding", memory: int = DECODE_MEMORY_BYTES
+                 ) -> dict[Path, Decoded]:
+    """Decode `paths` in `workers` processes (0 = one per CPU core this process may use), each allowed
+    `memory` more bytes of address space; a file still decoding after `timeout` seconds, or whose worker
+    dies, is rejected and its worker replaced."""
     results: dict[Path, Decoded] = {}
     todo = deque(paths)
     idle: list[_Worker] = []
     busy: list[_Worker] = []
     bar = tqdm(total=len(todo), desc=desc, unit="file", disable=not progress)
     try:
-        idle += [_Worker(size) for _ in range(min(workers or len(os.sched_getaffinity(0)), len(todo)))]
+        count = min(workers or len(os.sched_getaffinity(0)), len(todo))
+        idle += [_Worker(size, memory) for _ in range(count)]
         while todo or busy:
             while idle and todo:
                 worker = idle.pop()
@@ -161,7 +185,7 @@ def decode_files(paths: Sequence[Path], size: tuple[int, int], workers: int, tim
                     worker.send(todo[0], timeout)
                 except OSError:  # it died while idle (e.g. killed for memory): replace it
                     worker.kill()
-                    idle.append(_Worker(size))
+                    idle.append(_Worker(size, memory))
                     continue
                 todo.popleft()
                 busy.append(worker)
@@ -180,7 +204,7 @@ def decode_files(paths: Sequence[Path], size: tuple[int, int], workers: int, tim
                 else:
                     worker.kill()
                     if todo:
-                        idle.append(_Worker(size))
+                        idle.append(_Worker(size, memory))
     finally:
         bar.close()
         for worker in idle + busy:
@@ -221,7 +245,7 @@ class _Cache:
 
     def store(self, path: Path, result: Decoded) -> None:
         file = self._file(path)
-        if file is None or (isinstance(result, str) and result.startswith("decoding timed out")):
+        if file is None or (isinstance(result, str) and result.startswith(_TIMED_OUT)):
             return
         buffer = io.BytesIO()
         if isinstance(result, str):
@@ -229,6 +253,51 @@ class _Cache:
         else:
             np.savez(buffer, laterality=np.array(result[0]), pixels=result[1])
         write_atomic(file, buffer.getvalue())
+
+
+    def site_key(self, root: Path, config: Config) -> str | None:
+        """The key of a whole prepared site: every file's path, size and modification time, labels.csv's,
+        and the settings that shape the arrays. None when there is no cache or a file vanished."""
+        if self.folder is None:
+            return None
+        digest = hashlib.sha256(f"{CACHE_VERSION}\0{self.size}\0{config.data.bilateral}".encode())
+        try:
+            for path in [root / LABELS_FILE, *site_files(root, skip=[self.folder])]:
+                stat = path.stat()
+                digest.update(f"\0{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+        except OSError:
+            return None
+        return digest.hexdigest()
+
+    def _site_file(self, root: Path, key: str) -> Path:
+        assert self.folder is not None
+        return self.folder / f"site-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}-{key}.npz"
+
+    def load_site(self, root: Path, key: str | None) -> PreparedSite | None:
+        if key is None or not (file := self._site_file(root, key)).exists():
+            return None
+        try:
+            with np.load(file) as data:
+                meta = json.loads(str(data["meta"]))
+                views = data["views"]
+        except Exception:  # a damaged entry: prepare the site again
+            return None
+        return PreparedSite(meta["name"], meta["exam_ids"], views, [ExamLabel(**x) for x in meta["labels"]],
+                            [Rejection(*x) for x in meta["rejections"]], meta["counts"])
+
+    def store_site(self, root: Path, key: str | None, site: PreparedSite) -> None:
+        """Keep `site` under `key`, replacing what was kept for the same folder's earlier contents."""
+        if key is None or any(r.reason.startswith(_TIMED_OUT) for r in site.rejections):
+            return
+        meta = {"name": site.name, "exam_ids": site.exam_ids, "labels": [asdict(x) for x in site.labels],
+                "rejections": [(r.source, r.reason) for r in site.rejections], "counts": site.counts}
+        buffer = io.BytesIO()
+        np.savez(buffer, views=site.views, meta=np.array(json.dumps(meta)))
+        file = self._site_file(root, key)
+        write_atomic(file, buffer.getvalue())
+        for old in file.parent.glob(file.name.rsplit("-", 1)[0] + "-*.npz"):
+            if old != file:
+                old.unlink(missing_ok=True)
 
 
 def _decode(paths: Sequence[Path], config: Config, cache: _Cache, progress: bool,
@@ -255,6 +324,11 @@ def prepare_site(root: Path, config: Config, cache_dir: str | Path | None = None
         raise ValueError(f"{root}: not a folder")
     folder = config.data.cache_dir or cache_dir
     cache = _Cache(Path(folder) if folder else None, config.data.image_size)
+    # Every federated message prepares the site anew (Flower starts a process per message): with nothing
+    # changed since the last time, the whole result is one file, not a header read per DICOM file.
+    key = cache.site_key(root, config)
+    if (kept := cache.load_site(root, key)) is not None:
+        return kept
     labels, rejections = read_labels(root / LABELS_FILE)
     headers, rejected = scan_site(root, skip=[cache.folder] if cache.folder else [], progress=progress)
     files = len(headers) + len(rejected)  # every file is a header or a rejection
@@ -291,5 +365,7 @@ def prepare_site(root: Path, config: Config, cache_dir: str | Path | None = None
             views[i, j] = decoded[path][1]
     counts = {"files": files, "views": len(headers), "exams_labelled": len(labels),
               "exams_complete": len(exams), "exams_usable": len(usable)}
-    return PreparedSite(root.name, [e.exam_id for e in usable], views, [e.label for e in usable],
+    site = PreparedSite(root.name, [e.exam_id for e in usable], views, [e.label for e in usable],
                         rejections, counts)
+    cache.store_site(root, key, site)
+    return site

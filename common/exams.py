@@ -12,11 +12,14 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from common.dicom import DicomError, Header, read_header
 from common.labels import ExamLabel, exam_id
+
+if TYPE_CHECKING:
+    from common.dicom import Header
 
 LABELS_FILE = "labels.csv"
 
@@ -70,6 +73,10 @@ def scan_site(root: Path, skip: Iterable[Path] = (),
               progress: bool = False) -> tuple[list[Header], list[Rejection]]:
     """The header of every mammography view below `root`; every other file, and every repeated
     SOPInstanceUID after its first file, is rejected."""
+    # Imported here: a federated message whose site is unchanged never reads a header (`client.prepare`),
+    # and pydicom with its codecs is a second of every ClientApp process's start-up.
+    from common.dicom import DicomError, read_header
+
     headers: list[Header] = []
     rejections: list[Rejection] = []
     first_of: dict[str, Path] = {}

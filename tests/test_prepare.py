@@ -36,6 +36,15 @@ def _file(root: Path, patient: str, laterality: str, view: str) -> Path:
     return path
 
 
+def _view_files(cache: Path) -> list[Path]:
+    """The per-file cache entries (not the whole-site ones, `site-*.npz`)."""
+    return [p for p in cache.glob("*.npz") if not p.name.startswith("site-")]
+
+
+def _touch(path: Path) -> None:
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+
+
 def _expected(path: Path) -> np.ndarray:
     return preprocess_view(read_view(path).pixels, SIZE).astype(np.float16)
 
@@ -86,7 +95,7 @@ def test_cache_skips_decoding_and_follows_changed_files(tmp_path: Path,
     root, cache = tmp_path / "site", tmp_path / "cache"
     write_site(root, 3)
     first = prepare_site(root, _config(), cache_dir=cache, progress=False)
-    assert len(list(cache.glob("*.npz"))) == 6 and not list(cache.glob(".*"))  # no temp files left
+    assert len(_view_files(cache)) == 6 and not list(cache.glob(".*"))  # no temp files left
 
     decoded: list[Path] = []
     real = prepare.decode_files
@@ -101,13 +110,33 @@ def test_cache_skips_decoding_and_follows_changed_files(tmp_path: Path,
     np.testing.assert_array_equal(second.views, first.views)
 
     changed = _file(root, "P001", "R", "MLO")
-    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    _touch(changed)
     prepare_site(root, _config(), cache_dir=cache, progress=False)
     assert decoded == [changed]
 
     elsewhere = tmp_path / "configured"
     prepare_site(root, _config(cache_dir=str(elsewhere)), cache_dir=cache, progress=False)
-    assert len(list(elsewhere.glob("*.npz"))) == 6  # config.data.cache_dir wins over the caller's default
+    assert len(_view_files(elsewhere)) == 6  # config.data.cache_dir wins over the caller's default
+
+
+def test_an_unchanged_site_is_read_back_whole_without_reading_a_header(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, cache = tmp_path / "site", tmp_path / "cache"
+    write_site(root, 3)
+    _file(root, "P002", "L", "CC").write_bytes(b"not a DICOM file")
+    first = prepare_site(root, _config(), cache_dir=cache, progress=False)
+    monkeypatch.setattr(prepare, "scan_site", lambda *a, **k: pytest.fail("the headers were read again"))
+    second = prepare_site(root, _config(), cache_dir=cache, progress=False)
+    assert (second.name, second.exam_ids, second.labels, second.rejections, second.counts) == \
+        (first.name, first.exam_ids, first.labels, first.rejections, first.counts)
+    assert [r.kind for r in second.rejections] == ["not DICOM", "incomplete exam"]
+    np.testing.assert_array_equal(second.views, first.views)
+    with pytest.raises(pytest.fail.Exception):  # any changed file, labels.csv included, reads the site anew
+        _touch(root / "labels.csv")
+        prepare_site(root, _config(), cache_dir=cache, progress=False)
+    monkeypatch.undo()
+    prepare_site(root, _config(), cache_dir=cache, progress=False)
+    assert len(list(cache.glob("site-*.npz"))) == 1  # what was kept for the old contents is replaced
 
 
 def test_a_rejected_file_is_cached_with_its_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,6 +145,8 @@ def test_a_rejected_file_is_cached_with_its_reason(tmp_path: Path, monkeypatch: 
     cc = _file(root, "P000", "L", "CC")
     cc.write_bytes(cc.read_bytes()[:-1000])
     first = prepare_site(root, _config(), cache_dir=cache, progress=False)
+    for whole in cache.glob("site-*.npz"):  # this test is about the per-file cache
+        whole.unlink()
     monkeypatch.setattr(prepare, "decode_files", lambda paths, *a, **k: {p: "unexpected" for p in paths})
     second = prepare_site(root, _config(), cache_dir=cache, progress=False)
     assert second.rejections == first.rejections

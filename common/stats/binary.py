@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binomtest, chi2, norm
+from scipy.special import chdtrc, ndtri
 
 from common.stats._validation import StatsInputError, check_confidence, check_truth
 
@@ -51,6 +51,10 @@ def wilson(successes: int, total: int, confidence: float = 0.95) -> Proportion:
     """Proportion ``successes / total`` with its Wilson score interval (no continuity correction)."""
     if total == 0:
         return Proportion(float("nan"), float("nan"), float("nan"), 0, 0)
+    # Imported here: scipy.stats takes 1.5 s to import, paid by every ClientApp process (Flower starts
+    # one per message) that imports this module without computing an interval.
+    from scipy.stats import binomtest
+
     ci = binomtest(successes, total).proportion_ci(confidence, method="wilson")
     return Proportion(successes / total, float(ci.low), float(ci.high), successes, total)
 
@@ -90,9 +94,11 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
     if b + c == 0:
         return McNemar(0.0, 1.0, 0, 0, "exact")
     if b + c < EXACT_BELOW:
+        from scipy.stats import binomtest  # see `wilson`
+
         return McNemar(float(b), float(binomtest(b, b + c).pvalue), b, c, "exact")
     statistic = (abs(b - c) - 1) ** 2 / (b + c)
-    return McNemar(statistic, float(chi2.sf(statistic, 1)), b, c, "chi2")
+    return McNemar(statistic, float(chdtrc(1, statistic)), b, c, "chi2")
 
 
 def mcnemar_tests(y_true: object, y_pred_a: object, y_pred_b: object) -> dict[str, McNemar]:
@@ -126,5 +132,5 @@ def cohen_kappa(y_pred_a: object, y_pred_b: object, confidence: float = 0.95) ->
     off = (1 - kappa) ** 2 * (p * (cols[:, None] + rows[None, :]) ** 2)[disagree].sum()
     variance = (diagonal + off - (kappa - chance * (1 - kappa)) ** 2) / (n * (1 - chance) ** 2)
     se = float(np.sqrt(max(variance, 0.0)))
-    half = norm.ppf(0.5 + confidence / 2) * se
+    half = ndtri(0.5 + confidence / 2) * se
     return Kappa(float(kappa), float(max(kappa - half, -1.0)), float(min(kappa + half, 1.0)), se)
