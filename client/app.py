@@ -20,6 +20,7 @@ A site's data folder, output folder and name come from its SuperNode's node conf
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -34,11 +35,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from client.clipping import SITE_WEIGHT, clipping_mod
 from client.data import exam_tensors
 from client.device import seed_everything, set_threads
+from client.dp import PrivateSGD
 from client.evaluate import evaluate as score_exams
 from client.evaluate import predict
 from client.prepare import PreparedSite, prepare_site
+from client.redact import redact
+from client.secagg import secagg_mod
 from client.site_stats import (
     LOCAL_ONLY,
     MODEL,
@@ -49,7 +54,7 @@ from client.site_stats import (
     site_counts,
     to_json,
 )
-from client.train import train_epochs
+from client.train import planned_steps, train_epochs
 from common.atomic import write_atomic
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import Config, config_from_dict
@@ -172,7 +177,8 @@ class _Job:
 
 
 def _named(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
-    """Errors name the site: the server logs the reply's error, and node ids mean nothing to people."""
+    """Errors name the site: the server logs the reply's error, and node ids mean nothing to people. The
+    reply holds the error's text redacted (`client.redact`): it may quote patient data."""
 
     @functools.wraps(handler)
     def wrapper(msg: Message, context: Context) -> Message:
@@ -183,14 +189,22 @@ def _named(handler: Callable[[Message, Context], Message]) -> Callable[[Message,
                 name = resolve_site(context).name
             except ValueError:
                 name = f"node {context.node_id}"
-            raise RuntimeError(f"site {name}: {exc}") from exc
+            raise RuntimeError(f"site {name}: {redact(str(exc))}") from exc  # the site's log has it all
 
     return wrapper
 
 
+@functools.lru_cache(maxsize=2)
+def _model_template(config_toml: str) -> nn.Module:
+    """The model's structure, built once per process: DenseNet-121's initialisation costs ~0.5 s, and a
+    simulation reuses its worker processes for every message. Callers copy it."""
+    config = parse_config(config_toml)
+    return build_model(dataclasses.replace(config.model, pretrained=None), config.data.bilateral)
+
+
 def _global_model(msg: Message, job: _Job, last_round: int) -> nn.Module:
     """The model with the global weights, and this site's own state for what the server does not send."""
-    model = build_model(dataclasses.replace(job.config.model, pretrained=None), job.config.data.bilateral)
+    model = copy.deepcopy(_model_template(str(job.settings["fedmammo-config"])))
     state = model.state_dict()
     kept = [p for p in sorted(job.folder.glob("local-state/round-*.safetensors"))
             if int(p.stem.removeprefix("round-")) <= last_round]
@@ -199,25 +213,36 @@ def _global_model(msg: Message, job: _Job, last_round: int) -> nn.Module:
     return model
 
 
-@app.train()
+@app.train(mods=[secagg_mod(WEIGHTS), clipping_mod])
 @_named
 def train(msg: Message, context: Context) -> Message:
     job = _Job.of(msg, context)
     data = exam_tensors([job.prepared()], "train")
     model = _global_model(msg, job, job.round - 1)
     mu = float(job.settings.get("proximal-mu", 0.0))
-    stats = train_epochs(model, data, job.config, epochs=int(job.settings["local-epochs"]),
-                         steps=int(job.settings["local-steps"]) or None, generator=job.seed(job.round),
+    epochs, steps = int(job.settings["local-epochs"]), int(job.settings["local-steps"]) or None
+    private = None
+    if job.config.privacy.dp_sgd:  # raises BudgetSpent, and the site sits the round out, once it is spent
+        private = PrivateSGD.for_round(job.folder, job.round, job.config, len(data),
+                                       planned_steps(len(data), job.config.train.batch_size, epochs, steps),
+                                       int(job.settings["num-server-rounds"]))
+    per_round = 1 if steps else epochs  # the round's place on the learning-rate schedule
+    rounds = int(job.settings["num-server-rounds"])
+    stats = train_epochs(model, data, job.config, epochs=epochs, steps=steps, generator=job.seed(job.round),
                          global_weights={k: v.detach().clone() for k, v in model.named_parameters()},
-                         mu=mu, progress=False)
+                         mu=mu, progress=False, private=private,
+                         position=((job.round - 1) * per_round, rounds * per_round))
     state = model.state_dict()
     if kept := {k: v for k, v in state.items() if k not in set(job.keys)}:
         save_checkpoint(job.folder / "local-state" / f"round-{job.round:04d}.safetensors", kept,
                         {"site": job.site.name, "round": job.round})
+    if private is not None:
+        private.save(job.folder, job.round)
     return Message(RecordDict({
         "arrays": pack_weights(state, job.keys),
         "metrics": MetricRecord({"num-examples": len(data), "loss": stats.loss, "steps": stats.steps,
-                                 "seconds": stats.seconds}),
+                                 "seconds": stats.seconds, SITE_WEIGHT: 1.0,
+                                 **(private.metrics() if private else {})}),
         "site": ConfigRecord({"name": job.site.name}),
     }), reply_to=msg)
 

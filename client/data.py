@@ -91,11 +91,16 @@ def batches(
 ) -> Iterator[Batch]:
     """Batches in `order`, as float32 on `device`; augmented when a generator (on `device`) is given."""
     for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        views = data.views[index].to(device, non_blocking=True).float()
-        if augment_generator is not None:
-            views = augment(views, augment_generator)
-        yield Batch(views, data.malignant[index].to(device), data.birads_class[index].to(device))
+        yield batch_of(data, order[start : start + batch_size], device, augment_generator)
+
+
+def batch_of(data: ExamTensors, index: Tensor, device: torch.device,
+             augment_generator: torch.Generator | None = None) -> Batch:
+    """The exams `index` as one batch (DP-SGD's Poisson-sampled batches may be empty)."""
+    views = data.views[index].to(device, non_blocking=True).float()
+    if augment_generator is not None and len(index):
+        views = augment(views, augment_generator)
+    return Batch(views, data.malignant[index].to(device), data.birads_class[index].to(device))
 
 
 def device_generator(device: torch.device, generator: torch.Generator) -> torch.Generator:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from client.redact import redact
 from common.labels import ExamLabel
 from common.stats import GRIDS, StatsInputError, pool_histograms, site_histograms, site_placement_sums
 from common.stats.analysis import subgroup_labels, subgroup_masks
@@ -30,6 +32,8 @@ ALL = "all"
 CASE_COLUMNS = ("exam_id", "malignant", "density", "symptomatic", "model-birads")
 """Prediction-file columns that are not raters; the columns after them are raters' scores."""
 _COUNTED = ("exams", "malignant", "dense", "symptomatic")
+_log = logging.getLogger(__name__)
+"""The site's own log: details that must not reach the center."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,9 @@ def read_cases(path: Path, threshold: float) -> Cases:
             continue
         try:
             values, kind = parse_scores(texts, column, range(2, len(rows) + 2))
-        except StatsInputError as exc:
-            skipped[column] = str(exc)
+        except StatsInputError as exc:  # its text quotes a cell, which goes no further than this site's log
+            _log.warning("%s: reader column %r skipped: %s", path, column, exc)
+            skipped[column] = redact(str(exc))
             continue
         if kind not in GRIDS:
             skipped[column] = f"{kind} scores have no federated grid"

@@ -17,8 +17,17 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from client.data import ExamTensors, batches, device_generator, epoch_order, exam_tensors, pos_weight
+from client.data import (
+    ExamTensors,
+    batch_of,
+    batches,
+    device_generator,
+    epoch_order,
+    exam_tensors,
+    pos_weight,
+)
 from client.device import Runtime, resolve_runtime, seed_everything, set_threads
+from client.dp import PrivateSGD
 from client.evaluate import Metrics, evaluate
 from client.prepare import PreparedSite, prepare_site
 from common.atomic import write_atomic
@@ -32,7 +41,7 @@ from common.checkpoint import (
     restore_optimizer,
     save_checkpoint,
 )
-from common.config import Config, config_from_dict, load_config
+from common.config import Config, TrainConfig, config_from_dict, load_config
 from common.model import MultiTaskLoss, build_model
 
 LOG_EVERY = 10
@@ -59,6 +68,20 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
 
 
+def scheduled_lr(train: TrainConfig, done: float) -> float:
+    """The learning rate of an epoch that starts when fraction `done` of the run's epochs is done."""
+    if train.lr_schedule == "constant":
+        return train.lr
+    if train.lr_schedule == "cosine":
+        return train.lr * 0.5 * (1 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
+    raise ValueError(f"train.lr_schedule must be 'constant' or 'cosine'; got {train.lr_schedule!r}")
+
+
+def planned_steps(exams: int, batch_size: int, epochs: int, steps: int | None) -> int:
+    """The batches `train_epochs` trains: `steps` when given, else `epochs` passes over `exams` exams."""
+    return steps if steps is not None else epochs * math.ceil(exams / batch_size)
+
+
 def train_epochs(
     model: nn.Module,
     train_data: ExamTensors,
@@ -73,6 +96,8 @@ def train_epochs(
     mu: float = 0.0,
     progress: bool = True,
     desc: str = "train",
+    private: PrivateSGD | None = None,
+    position: tuple[int, int] = (0, 0),
 ) -> TrainMetrics:
     """Train `model` in place for `epochs` passes over `train_data` (default `config.train.epochs`), or
     for exactly `steps` batches when given (epochs then repeat as needed).
@@ -80,20 +105,27 @@ def train_epochs(
     `optimizer` carries state across calls (a fresh AdamW when None); `generator` drives data order and
     augmentation (default: seeded from `config.train.seed`). With `mu` > 0, FedProx's proximal term
     mu/2 · ||w − w_global||² against `global_weights` (parameter name → tensor) is added to the loss.
+    With `private` (`client.dp`), DP-SGD: Poisson-sampled batches, clipped per-exam gradients, noise.
+    `position` = (epochs of the whole run done before this call, epochs in the whole run) places the
+    call's epochs on `config.train.lr_schedule` (default: this call is the whole run).
     """
     if len(train_data) == 0:
         raise ValueError("no training exams")
-    runtime = runtime or resolve_runtime(config.train)
+    runtime = runtime or resolve_runtime(config.train, private=private is not None)
     generator = generator or seed_everything(config.train.seed)
     runtime.place(model)
     optimizer = optimizer or make_optimizer(model, config)
+    if private is not None:
+        if mu > 0:
+            raise ValueError("DP-SGD with FedProx: the proximal term's gradient bypasses per-exam clipping")
+        model, optimizer, poisson_batches = private.attach(model, optimizer, len(train_data))
     criterion = MultiTaskLoss(config.model.birads_loss_weight, pos_weight(train_data, config.train.balance))
     criterion.to(runtime.device)
     anchors = _proximal_anchors(model, global_weights, runtime.device) if mu > 0 else []
     scaler = runtime.scaler()
     batch_size = config.train.batch_size
-    total_steps = steps if steps is not None else (epochs or config.train.epochs) * math.ceil(
-        len(train_data) / batch_size)
+    total_steps = planned_steps(len(train_data), batch_size, epochs or config.train.epochs, steps)
+    steps_per_epoch = planned_steps(len(train_data), batch_size, 1, None)
     if total_steps < 1:
         raise ValueError(f"nothing to train: {total_steps} steps")
 
@@ -102,10 +134,17 @@ def train_epochs(
     done = exams = 0
     start = time.perf_counter()
     with tqdm(total=total_steps, desc=desc, unit="batch", disable=not progress, leave=False) as bar:
+        first, run_epochs = position if position[1] else (0, math.ceil(total_steps / steps_per_epoch))
+        epoch = 0
         while done < total_steps:
+            for group in optimizer.param_groups:
+                group["lr"] = scheduled_lr(config.train, (first + epoch) / run_epochs)
+            epoch += 1
             order = epoch_order(train_data, config.train.balance, generator)
             augment = device_generator(runtime.device, generator) if config.train.augment else None
-            for batch in batches(train_data, order, batch_size, runtime.device, augment):
+            stream = (batches(train_data, order, batch_size, runtime.device, augment) if private is None else
+                      (batch_of(train_data, index, runtime.device, augment) for index in poisson_batches()))
+            for batch in stream:
                 with runtime.autocast():
                     outputs = model(batch.views)
                 loss = criterion(outputs, batch.malignant, batch.birads_class)
@@ -116,8 +155,11 @@ def train_epochs(
                 scaler.scale(objective).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                loss_sum += loss.detach() * len(batch.views)
+                if len(batch.views):  # a Poisson batch may be empty (a noise-only step)
+                    loss_sum += loss.detach() * len(batch.views)
                 exams += len(batch.views)
+                if private is not None and not private.stepped():
+                    continue  # a chunk of a DP-SGD batch (`physical_batch_size`)
                 done += 1
                 bar.update()
                 if progress and (done % LOG_EVERY == 0 or done == total_steps):
@@ -126,7 +168,9 @@ def train_epochs(
                     break
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)
-    return TrainMetrics(float(loss_sum) / exams, done, exams, time.perf_counter() - start)
+    if private is not None:
+        private.detach()
+    return TrainMetrics(float(loss_sum) / max(exams, 1), done, exams, time.perf_counter() - start)
 
 
 def _proximal_anchors(
@@ -213,6 +257,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         runtime = resolve_runtime(config.train)
+        if config.privacy.dp_sgd:
+            raise ValueError(f"{args.config}: [privacy] dp_sgd is for federated runs, where the model leaves "
+                             "the site; `fedmammo train` keeps it at the site and does not do DP-SGD")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -245,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
         epoch_started = time.perf_counter()
         stats = train_epochs(model, data["train"], config, epochs=1, optimizer=optimizer, runtime=runtime,
                              generator=seed_everything(config.train.seed, epoch),
+                             position=(epoch, config.train.epochs),
                              progress=sys.stderr.isatty(), desc=f"epoch {epoch + 1}/{config.train.epochs}")
         val = evaluate(model, data["val"], config, runtime)[0] if len(data["val"]) else None
         state["history"].append({"epoch": epoch + 1, "train_loss": stats.loss, "train_seconds": stats.seconds,

@@ -22,6 +22,8 @@ HANDLERS = {
     "demo": "server.launch:demo",
     "federate": "server.launch:run",
     "certs": "server.certs:run",
+    "superexec": "client.superexec:run",
+    "site-key": "server.certs:run_site_key",
 }
 
 
@@ -98,10 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a [tool.flwr.app.config] value (repeatable)")
     p.add_argument("--timeout", type=float, default=86400.0, help="seconds before the run is abandoned")
 
+    p = sub.add_parser("superexec", help="a hospital's SuperExec: ClientApps start with PyTorch imported "
+                                         "(beside `flower-supernode --isolation process`)")
+    p.add_argument("--runtime-api-address", required=True, help="the SuperNode's --runtime-api-address")
+    p.add_argument("--root-certificates", help="CA of the Runtime API's TLS certificate (default: plain, "
+                                               "for a Runtime API on 127.0.0.1)")
+    p.add_argument("--parent-pid", type=int, help="stop when this process (the SuperNode) exits")
+
     p = sub.add_parser("certs", help="make a CA and the SuperLink's TLS certificate")
     p.add_argument("out", help="folder for ca.crt, ca.key, server.pem, server.key")
     p.add_argument("--host", action="append", help="host name or IP the SuperLink is reached at (repeatable)")
     p.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    p = sub.add_parser("site-key", help="make a hospital's SuperNode key pair (SuperNode authentication)")
+    p.add_argument("out", help="folder for NAME.key (stays at the hospital) and NAME.pub (to the center)")
+    p.add_argument("name", help="the site's name, as the center registers it")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     return parser
 

@@ -45,6 +45,9 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 8
     lr: float = 3e-4
+    lr_schedule: str = "constant"
+    """`constant`, or `cosine`: lr · ½(1 + cos πt) for an epoch that starts at fraction t of the run's
+    epochs (in a federated run: rounds × local epochs; `client.train.scheduled_lr`)."""
     weight_decay: float = 1e-4
     seed: int = 0
     device: str = "auto"
@@ -78,11 +81,33 @@ class SynthConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Local differential privacy: DP-SGD with Opacus at every site (`client.dp`, docs/privacy.md)."""
+
+    dp_sgd: bool = False
+    """Train with DP-SGD: Poisson-sampled batches, each exam's gradient clipped, Gaussian noise added."""
+    target_epsilon: float = 0.0
+    """Each site's budget ε (at `delta`) for the whole run. With `noise_multiplier` 0 the noise is set so that
+    the run's planned rounds spend exactly this; a site whose next round would exceed it stops training.
+    0 = no limit (then `noise_multiplier` must be set)."""
+    noise_multiplier: float = 0.0
+    """Noise standard deviation over `max_grad_norm`; 0 = calibrated from `target_epsilon`."""
+    max_grad_norm: float = 1.0
+    """Each exam's gradient is clipped to this L2 norm."""
+    delta: float = 1e-5
+    """δ of the (ε, δ) guarantee; keep it well below 1 / (a site's training exams)."""
+    physical_batch_size: int = 0
+    """Run each (logical) batch of `train.batch_size` exams in chunks of at most this many (Opacus's
+    BatchMemoryManager): large batches, which DP-SGD needs, in the memory of small ones; 0 = no chunks."""
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -110,7 +135,32 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Config:
         name: _build(type(getattr(defaults, name)), values.get(name, {}), f"{source} [{name}]")
         for name in sections
     }
-    return Config(**parts)
+    config = Config(**parts)
+    _check_privacy(config, source)
+    return config
+
+
+def _check_privacy(config: Config, source: str) -> None:
+    """DP-SGD's requirements, checked when the config is read (at the server too, before any round)."""
+    p = config.privacy
+    if not p.dp_sgd:
+        return
+    problems = [message for failed, message in (
+        (config.model.norm != "group", "model.norm must be 'group': BatchNorm mixes the exams of a batch, so "
+                                       "one exam's gradient cannot be clipped on its own"),
+        (config.model.memory_efficient, "model.memory_efficient must be false (checkpointing breaks Opacus's "
+                                        "per-sample gradients)"),
+        (config.train.precision == "fp16", "train.precision 'fp16' is not supported (use bf16 or fp32)"),
+        (config.train.balance == "sampler", "train.balance 'sampler' draws exams by class, which the "
+                                            "accountant's Poisson sampling does not allow: use pos_weight"),
+        (p.target_epsilon < 0 or p.noise_multiplier < 0, "target_epsilon and noise_multiplier must be >= 0"),
+        (p.target_epsilon == 0 and p.noise_multiplier == 0, "set target_epsilon or noise_multiplier"),
+        (p.max_grad_norm <= 0, "max_grad_norm must be > 0"),
+        (p.physical_batch_size < 0, "physical_batch_size must be >= 0"),
+        (not 0 < p.delta < 1, "delta must be in (0, 1)"),
+    ) if failed]
+    if problems:
+        raise ValueError(f"{source} [privacy] dp_sgd = true: " + "; ".join(problems))
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -42,8 +42,10 @@ names one).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pydicom
@@ -261,10 +263,24 @@ def _header(ds: Dataset, path: Path) -> Header:
     )
 
 
+_T = TypeVar("_T")
+
+
+def _guarded(path: Path, read: Callable[[], _T]) -> _T:
+    """`read()`, with any failure on a corrupt data set as a DicomError: pydicom parses values lazily, so a
+    damaged element raises (TypeError, NotImplementedError, ...) only when a check reads it."""
+    try:
+        return read()
+    except (DicomError, KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as exc:  # also Rust codecs' panics (pyo3), which are no Exception
+        raise DicomError(path, f"not DICOM: malformed data set ({type(exc).__name__}: {exc})") from None
+
+
 def read_header(path: str | Path) -> Header:
     """The header of one file (pixel data not read): fast enough to scan a whole site."""
     path = Path(path)
-    return _header(_dcmread(path, header_only=True), path)
+    return _guarded(path, lambda: _header(_dcmread(path, header_only=True), path))
 
 
 def _stored_pixels(ds: Dataset, path: Path) -> np.ndarray:
@@ -285,6 +301,8 @@ def _stored_pixels(ds: Dataset, path: Path) -> np.ndarray:
         raise DicomError(path, "pixel data unreadable: no Pixel Data element")
     syntax = ds.file_meta.TransferSyntaxUID
     named = f"{syntax.name} ({syntax})" if syntax.name != syntax else str(syntax)
+    if not syntax.is_transfer_syntax:
+        raise DicomError(path, f"unsupported image: {named} is not a known transfer syntax")
     if syntax.is_compressed:
         try:
             decoder = get_decoder(syntax)
@@ -300,7 +318,9 @@ def _stored_pixels(ds: Dataset, path: Path) -> np.ndarray:
                                    "truncated?")
     try:
         pixels = ds.pixel_array
-    except Exception as exc:
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as exc:  # also Rust codecs' panics (pyo3), which are no Exception
         raise DicomError(path, f"pixel data unreadable: {named}: {type(exc).__name__}: {exc}") from None
     if pixels.shape != (rows, cols):
         raise DicomError(path, f"pixel data unreadable: decoded {pixels.shape}, header says {rows}×{cols}")
@@ -362,6 +382,10 @@ def _processing_table(ds: Dataset, values: np.ndarray, counts: np.ndarray) -> np
 def read_view(path: str | Path) -> View:
     """Read one mammography file: header checks, then pixels after the LUTs, inverted and oriented."""
     path = Path(path)
+    return _guarded(path, lambda: _read_view(path))
+
+
+def _read_view(path: Path) -> View:
     ds = _dcmread(path, header_only=False)
     header = _header(ds, path)
     stored = _stored_pixels(ds, path)

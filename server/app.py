@@ -21,7 +21,7 @@ import json
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -44,14 +44,28 @@ from flwr.serverapp.strategy import (
 from torch import nn
 
 from client.app import WEIGHTS, absolute_path, initial_model, pack_weights, parse_config, unpack_weights
+from client.clipping import CENTRAL_DP
 from client.device import set_threads
 from client.site_stats import ALL, MODEL, to_json
 from common.atomic import write_atomic
 from common.checkpoint import latest_checkpoint, load_checkpoint, mark_latest, save_checkpoint
 from common.config import Config
-from server.evaluation import SITE_GROUP, common_raters, decode, estimable, federated_analysis, pool_groups
+from server.attendance import Attendance
+from server.evaluation import (
+    SITE_GROUP,
+    common_raters,
+    decode,
+    estimable,
+    federated_analysis,
+    not_estimable,
+    pool_groups,
+)
 from server.launch import APP_DIR, MARKER
+from server.privacy import Ledger, privacy_report, settings_problems, weighting, wrap
 from server.report import write_report
+from server.sanity import screen_updates
+from server.secagg import secure_round
+from server.secagg import settings_problems as secagg_problems
 
 app = ServerApp()
 
@@ -78,7 +92,7 @@ _RESUMABLE = {"num-server-rounds", "round-timeout", "node-wait-timeout", "eval-e
 _RUN_CONFIG_KEYS = {"config_path": "config", "rounds": "num-server-rounds", "out": "out-dir"}
 """Settings fields whose run-config key is not the field's name with dashes."""
 _CSV_COLUMNS = ("round", "phase", "site", "n", "loss", "auc", "auc_low", "auc_high", "sensitivity",
-                "specificity", "accuracy", "seconds")
+                "specificity", "accuracy", "seconds", "missing", "epsilon")
 
 
 class RoundError(RuntimeError):
@@ -109,6 +123,17 @@ class Settings:
     stats_min_count: int
     out: Path
     resume: bool
+    max_update_norm: float
+    update_norm_factor: float
+    secagg: bool
+    secagg_clipping_range: float
+    secagg_max_weight: float
+    central_dp: str
+    dp_noise_multiplier: float
+    dp_clipping_norm: float
+    dp_sampled_sites: int
+    dp_delta: float
+    dp_clipped_count_stddev: float
 
     @classmethod
     def from_run_config(cls, run: Mapping[str, Any]) -> Settings:
@@ -135,7 +160,7 @@ class Settings:
             (s.local_epochs < 1 and s.local_steps < 1, "local-epochs or local-steps must be at least 1"),
             (s.min_nodes < 1, "min-nodes must be at least 1"),
             (not s.config_path.is_file(), f"config: {s.config_path} does not exist"),
-        ) if failed]
+        ) if failed] + settings_problems(s) + secagg_problems(s)
         if problems:
             raise ValueError("run config: " + "; ".join(problems))
         return s
@@ -171,13 +196,15 @@ def exchanged_keys(model: nn.Module, batchnorm: str) -> list[str]:
 
 def make_strategy(settings: Settings, config: Config) -> Strategy:
     nodes = {"fraction_train": settings.fraction_train, "min_train_nodes": settings.min_nodes,
-             "min_evaluate_nodes": settings.min_nodes, "min_available_nodes": settings.min_nodes}
-    return STRATEGIES[settings.strategy](settings, config, nodes)
+             "min_evaluate_nodes": settings.min_nodes, "min_available_nodes": settings.min_nodes,
+             "weighted_by_key": weighting(settings)}
+    return wrap(STRATEGIES[settings.strategy](settings, config, nodes), settings, config)
 
 
 def strategy_state(strategy: Strategy, keys: list[str]) -> dict[str, torch.Tensor]:
     """The strategy's round-to-round state as named tensors (`keys`: its ArrayRecord's names, in order)."""
     tensors = {}
+    strategy = getattr(strategy, "strategy", strategy)  # inside a DP wrapper (`server.privacy`)
     for attr in _STRATEGY_STATE:
         value = getattr(strategy, attr, None)
         if value is not None:
@@ -187,6 +214,7 @@ def strategy_state(strategy: Strategy, keys: list[str]) -> dict[str, torch.Tenso
 
 
 def restore_strategy_state(strategy: Strategy, tensors: Mapping[str, torch.Tensor], keys: list[str]) -> None:
+    strategy = getattr(strategy, "strategy", strategy)
     for attr in _STRATEGY_STATE:
         prefix = f"{_STATE_PREFIX}{attr}::"
         values = {k.removeprefix(prefix): t.numpy() for k, t in tensors.items() if k.startswith(prefix)}
@@ -254,9 +282,12 @@ def _wait_for_nodes(grid: Grid, settings: Settings) -> None:
         time.sleep(1)
 
 
-def _successful(replies: Iterable[Message], sent: int, what: str, timeout: float) -> list[Message]:
-    """The replies without error, by site name; an error when there are none (a failed round)."""
-    replies = list(replies)
+def _successful(replies: Iterable[Message], asked: Sequence[int], what: str, settings: Settings,
+                attendance: Attendance, everyone_asked: bool = True, minimum: int = 1
+                ) -> tuple[list[Message], list[str]]:
+    """The replies without error, by site name, and the sites missing from the exchange
+    (`server.attendance`); an error when none replied, or fewer than `minimum` (a failed round)."""
+    replies, sent, timeout = list(replies), len(asked), settings.round_timeout
     failed = [r for r in replies if r.has_error()]
     for reply in failed:
         log(WARNING, "%s %s: a site failed (node %d): %s", MARKER, what, reply.metadata.src_node_id,
@@ -271,7 +302,19 @@ def _successful(replies: Iterable[Message], sent: int, what: str, timeout: float
     names = [str(r.content["site"]["name"]) for r in good]
     if duplicates := sorted({n for n in names if names.count(n) > 1}):
         raise ValueError(f"several SuperNodes report site-name {', '.join(duplicates)}: give each its own")
-    return good
+    missing = attendance.missing(asked, good, everyone_asked)
+    if missing:
+        log(WARNING, "%s %s: missing %s (failed, or no reply within %.0f s)", MARKER, what,
+            ", ".join(missing), timeout)
+    if len(good) < minimum:
+        raise RoundError(f"{what}: only {len(good)} site(s) replied ({', '.join(names)}; missing: "
+                         f"{', '.join(missing) or 'none'}), min-nodes is {minimum}: resume the run "
+                         "(resume=true) when enough sites are back")
+    return good, missing
+
+
+def _missing_rows(server_round: int, phase: str, missing: Iterable[str]) -> list[dict[str, Any]]:
+    return [{"round": server_round, "phase": phase, "site": site, "missing": 1} for site in missing]
 
 
 def _last_line(text: str) -> str:
@@ -279,16 +322,16 @@ def _last_line(text: str) -> str:
     return text.strip().splitlines()[-1][:300]
 
 
-def _broadcast(grid: Grid, message_type: str, content: RecordDict, what: str, settings: Settings
-               ) -> list[Message]:
+def _broadcast(grid: Grid, message_type: str, content: RecordDict, what: str, settings: Settings,
+               attendance: Attendance) -> tuple[list[Message], list[str]]:
     nodes = sorted(grid.get_node_ids())
     messages = [Message(content=content, message_type=message_type, dst_node_id=n) for n in nodes]
-    return _successful(grid.send_and_receive(messages, timeout=settings.round_timeout), len(nodes), what,
-                       settings.round_timeout)
+    return _successful(grid.send_and_receive(messages, timeout=settings.round_timeout), nodes, what, settings,
+                       attendance)
 
 
-def _evaluation(grid: Grid, settings: Settings, config_text: str, state: RunState, final: bool
-                ) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
+def _evaluation(grid: Grid, settings: Settings, config_text: str, state: RunState, final: bool,
+                attendance: Attendance) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
     """Exchange 1 (and at the end exchange 2) of the federated evaluation of the current global model;
     returns the metrics rows, the analysis and the sites' summaries."""
     started = time.perf_counter()
@@ -299,7 +342,7 @@ def _evaluation(grid: Grid, settings: Settings, config_text: str, state: RunStat
         config |= {"baseline-epochs": settings.rounds * settings.local_epochs,
                    "baseline-steps": settings.rounds * settings.local_steps}
     content = RecordDict({"arrays": state.arrays, "config": ConfigRecord(config)})
-    replies = _broadcast(grid, MessageType.EVALUATE, content, what, settings)
+    replies, missing = _broadcast(grid, MessageType.EVALUATE, content, what, settings, attendance)
     summaries = [_site_json(r, "summary") for r in replies]
     site_sums = None
     if final:
@@ -307,20 +350,22 @@ def _evaluation(grid: Grid, settings: Settings, config_text: str, state: RunStat
         pooled = {g: h for g, h in pool_groups(summaries, list(raters)).items() if estimable(h)}
         if ALL in pooled:
             query = ConfigRecord({**config, "pooled": to_json(pooled)})
-            answers = _broadcast(grid, MessageType.QUERY, RecordDict({"config": query}), f"{what} (sums)",
-                                 settings)
+            answers, _ = _broadcast(grid, MessageType.QUERY, RecordDict({"config": query}), f"{what} (sums)",
+                                    settings, attendance)
             site_sums = {str(a.content["site"]["name"]): _site_json(a, "sums") for a in answers}
             if set(site_sums) != {s["site"] for s in summaries}:
                 log(WARNING, "%s not every site sent its sums: no paired tests", MARKER)
                 site_sums = None
     analysis = federated_analysis(summaries, site_sums)
+    for site, note in not_estimable(analysis).items():
+        log(WARNING, "%s %s: site %s: %s", MARKER, what, site, note)
     seconds = time.perf_counter() - started
     rows = [_evaluation_row(state.round, s["site"], analysis["subgroups"][SITE_GROUP.format(s["site"])],
                             s["loss"], seconds) for s in summaries]
     n = sum(r["n"] for r in rows)
     loss = sum(r["loss"] * r["n"] for r in rows) / n
     rows.append(_evaluation_row(state.round, ALL, analysis, loss, seconds))
-    return rows, analysis, summaries
+    return rows + _missing_rows(state.round, "evaluate", missing), analysis, summaries
 
 
 def _site_json(reply: Message, key: str) -> dict[str, Any]:
@@ -339,9 +384,13 @@ def _evaluation_row(server_round: int, site: str, table: Mapping[str, Any], loss
 
 def _log_rows(rows: Iterable[Mapping[str, Any]]) -> None:
     for row in rows:
+        if row.get("missing"):  # logged as a warning when the exchange ended
+            continue
         auc = "" if row.get("auc") is None else f", AUC {row['auc']:.3f}"
         if row.get("auc_low") is not None:
             auc += f" ({row['auc_low']:.3f}–{row['auc_high']:.3f})"
+        if row.get("epsilon") is not None:  # the privacy spent so far (`server.privacy`, `client.dp`)
+            auc += f", ε {row['epsilon']:.3f}"
         log(INFO, "%s round %d %s %s: n=%d loss %.4f%s (%.1f s)", MARKER, row["round"], row["phase"],
             row["site"], row["n"], row["loss"], auc, row["seconds"])
 
@@ -356,6 +405,9 @@ def main(grid: Grid, context: Context) -> None:
     config = parse_config(config_text)
     strategy = make_strategy(settings, config)
     state = _start(settings, context.run_config, config_text, strategy)
+    attendance = Attendance(state.history)
+    ledger = Ledger.of(settings)
+    ledger.restore(state.history, strategy)
     log(INFO, "%s run %s: %d rounds of %s, output in %s", MARKER, state.token, settings.rounds,
         settings.strategy, settings.out)
     for server_round in range(state.round + 1, settings.rounds + 1):
@@ -364,30 +416,49 @@ def main(grid: Grid, context: Context) -> None:
         random.seed(f"{state.token}/{server_round}")  # Flower's strategies sample sites with `random`
         train_config = ConfigRecord({"fedmammo-config": config_text, "run-token": state.token,
                                      "weight-keys": state.keys, "local-epochs": settings.local_epochs,
-                                     "local-steps": settings.local_steps})
+                                     "local-steps": settings.local_steps,
+                                     "num-server-rounds": settings.rounds, CENTRAL_DP: settings.central_dp})
         messages = list(strategy.configure_train(server_round, state.arrays, train_config, grid))
-        replies = _successful(grid.send_and_receive(messages, timeout=settings.round_timeout),
-                              len(messages), f"round {server_round} training", settings.round_timeout)
-        arrays, _ = strategy.aggregate_train(server_round, replies)
+        ledger.configured(server_round, len(messages), strategy)
+        if settings.secagg:  # the center sees only the mean of the updates (server.secagg)
+            arrays, sent = secure_round(grid, context, settings, server_round, messages, weighting(settings))
+        else:
+            sent = grid.send_and_receive(messages, timeout=settings.round_timeout)
+        replies, missing = _successful(sent, [m.metadata.dst_node_id for m in messages],
+                                       f"round {server_round} training", settings, attendance,
+                                       everyone_asked=settings.fraction_train >= 1,
+                                       minimum=settings.min_nodes)
+        if not settings.secagg:
+            replies, rejected = screen_updates(replies, state.arrays, f"round {server_round} training",
+                                               max_norm=settings.max_update_norm,
+                                               norm_factor=settings.update_norm_factor)
+            if not replies:
+                reasons = "; ".join(rejected)
+                raise RoundError(f"round {server_round} training: every update was rejected: {reasons}")
+            arrays, _ = strategy.aggregate_train(server_round, replies)
         if arrays is None:
             raise RoundError(f"round {server_round}: the strategy could not aggregate the sites' weights")
         # FedAdam's step comes out in float64; the model and its checkpoint are float32, and a resumed run
         # must continue from exactly what an uninterrupted one holds.
         arrays = ArrayRecord({k: Array(a.numpy().astype(np.float32)) for k, a in arrays.items()})
+        released = ledger.release(server_round, len(replies), strategy)
         seconds = time.perf_counter() - started
         rows = [{"round": server_round, "phase": "train", "site": str(r.content["site"]["name"]),
                  "n": int(r.content["metrics"]["num-examples"]), "loss": float(r.content["metrics"]["loss"]),
-                 "seconds": float(r.content["metrics"]["seconds"])} for r in replies]
+                 "seconds": float(r.content["metrics"]["seconds"]),
+                 "epsilon": r.content["metrics"].get("epsilon")} for r in replies]
         n = sum(r["n"] for r in rows)
         rows.append({"round": server_round, "phase": "train", "site": ALL, "n": n,
-                     "loss": sum(r["loss"] * r["n"] for r in rows) / n, "seconds": seconds})
+                     "loss": sum(r["loss"] * r["n"] for r in rows) / n, "seconds": seconds, **released})
+        rows += _missing_rows(server_round, "train", missing)
         state.arrays, state.round = arrays, server_round
         if settings.eval_every and server_round % settings.eval_every == 0 and server_round < settings.rounds:
-            rows += _evaluation(grid, settings, config_text, state, final=False)[0]
+            rows += _evaluation(grid, settings, config_text, state, final=False, attendance=attendance)[0]
         _log_rows(rows)
         state.history += rows
         _save(settings, context.run_config, config_text, strategy, state)
-    rows, analysis, summaries = _evaluation(grid, settings, config_text, state, final=True)
+    rows, analysis, summaries = _evaluation(grid, settings, config_text, state, final=True,
+                                            attendance=attendance)
     _log_rows(rows)
     state.history += rows
     write_atomic(settings.out / "metrics.csv", _metrics_csv(state.history))
@@ -403,5 +474,6 @@ def main(grid: Grid, context: Context) -> None:
                   for s in summaries],
         "evaluation": analysis,
         "rounds": state.history,
+        "privacy": privacy_report(ledger, state.history, config),
     })
     log(INFO, "%s report: %s", MARKER, folder / "report.md")

@@ -1,5 +1,6 @@
 """`fedmammo certs OUT`: a certificate authority and the SuperLink's TLS certificate, for a coordinating
-center that has no PKI of its own.
+center that has no PKI of its own; `fedmammo site-key OUT NAME`: a hospital's SuperNode key pair, whose
+public half the center registers so that only known SuperNodes may join.
 
 Writes `ca.crt` (give it to every hospital: their SuperNodes verify the SuperLink with it), `ca.key` (keep
 offline), `server.pem` and `server.key` (the SuperLink's `--ssl-certfile` / `--ssl-keyfile`;
@@ -97,6 +98,42 @@ def make_certificates(out: str | Path, hosts: list[str], days: int = 825) -> dic
         os.chmod(path, mode)
         written[name] = path
     return written
+
+
+def make_site_key(out: str | Path, name: str) -> tuple[Path, Path]:
+    """A site's SuperNode key pair, as Flower reads them: `NAME.key` (OpenSSH private key, mode 0600, for
+    `flower-supernode --auth-supernode-private-key`; it never leaves the hospital) and `NAME.pub` (OpenSSH
+    public key, for the center's `flwr supernode register`). ECDSA P-384, like the TLS keys."""
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise ValueError(f"site name {name!r}: use letters, digits, '-', '_' and '.' only")
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    paths = Path(out) / f"{name}.key", Path(out) / f"{name}.pub"
+    for path, data, mode in ((paths[0], private, 0o600), (paths[1], public + f" {name}\n".encode(), 0o644)):
+        write_atomic(path, data)
+        os.chmod(path, mode)
+    return paths
+
+
+def run_site_key(args: argparse.Namespace) -> int:
+    """`fedmammo site-key OUT NAME [--force]`."""
+    existing = [p for p in (Path(args.out) / f"{args.name}.key", Path(args.out) / f"{args.name}.pub")
+                if p.exists()]
+    if existing and not args.force:
+        print(f"error: {', '.join(map(str, existing))} exist; pass --force to replace them (the center must "
+              "then register the new public key)", file=sys.stderr)
+        return 2
+    try:
+        private, public = make_site_key(args.out, args.name)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {private} (keep it at the hospital) and {public}")
+    print(f"the center: flwr supernode register {public.name} CONNECTION --name {args.name}")
+    print(f"the hospital's SuperNode: --auth-supernode-private-key {private}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

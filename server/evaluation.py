@@ -82,6 +82,20 @@ def estimable(pooled: Mapping[str, Any]) -> bool:
     return min(pooled["n_pos"], pooled["n_neg"]) >= 2
 
 
+def not_estimable(analysis: Mapping[str, Any]) -> dict[str, str]:
+    """Sites whose own evaluation cannot be estimated (a single class, or too few cases of one), and why:
+    their tables say n/e, while their cases still count in the pooled statistics, which are exact."""
+    notes = {}
+    for group, histograms in analysis["histograms"].items():
+        site = group.removeprefix(SITE_GROUP.format(""))
+        if site != group and not estimable(histograms):
+            notes[site] = (f"{histograms['n_pos']} malignant and {histograms['n_neg']} benign test exams: "
+                           "its AUC needs both classes, its 95% CI and DeLong's tests at least 2 of each; "
+                           "its own evaluation is not estimable (n/e), its cases still count in the pooled "
+                           "statistics")
+    return notes
+
+
 def expand(histograms: Mapping[str, Any], raters: Mapping[str, Mapping[str, Any]]
            ) -> tuple[np.ndarray, dict[str, RaterScores]]:
     """The cases a pooled histogram stands for: truth (malignant first) and each rater's scores on its grid.

@@ -154,9 +154,21 @@ def _wait_healthy(address: str, process: subprocess.Popen, log: Path, root_certi
 
 @contextlib.contextmanager
 def superlink(home: Path, *, port: int | None = None, simulation: bool = False, certs: Path | None = None,
-              database: Path | None = None) -> Iterator[str]:
+              database: Path | None = None, supernode_auth: bool = False) -> Iterator[str]:
     """A running `flower-superlink` on 127.0.0.1; yields its address. `certs` is a folder written by
-    `fedmammo certs` (TLS on), else insecure (simulation only). Its log is `home`/superlink.log."""
+    `fedmammo certs` (TLS on), else insecure (simulation only). Its log is `home`/superlink.log. With
+    `supernode_auth` only SuperNodes whose public key was registered (`register_supernode`) may connect."""
+    with superlink_process(home, port=port, simulation=simulation, certs=certs, database=database,
+                           supernode_auth=supernode_auth) as started:
+        yield started[0]
+
+
+@contextlib.contextmanager
+def superlink_process(home: Path, *, port: int | None = None, simulation: bool = False,
+                      certs: Path | None = None, database: Path | None = None, supernode_auth: bool = False
+                      ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`superlink`, yielding its address and its process: the leader of the process group that holds the
+    ServerApp too, for a supervisor (or a test) that must watch or kill the center."""
     address = f"127.0.0.1:{port or free_port()}"
     host, _, port_text = address.rpartition(":")
     command = [_executable("flower-superlink"), "--host", host, "--port", port_text,
@@ -170,21 +182,35 @@ def superlink(home: Path, *, port: int | None = None, simulation: bool = False, 
                     "--ssl-keyfile", str(certs / "server.key")]
     if database is not None:
         command += ["--database", str(database)]
+    if supernode_auth:
+        command.append("--enable-supernode-auth")
     log = home / "superlink.log"
     with _process(command, flower_env(home), log) as process:
         _wait_healthy(address, process, log, None if certs is None else certs / "ca.crt")
-        yield address
+        yield address, process
 
 
 @contextlib.contextmanager
 def supernode(home: Path, superlink_address: str, node_config: Mapping[str, Any], *,
-              root_certificates: Path, port: int | None = None, log: Path | None = None
-              ) -> Iterator[subprocess.Popen]:
-    """A running `flower-supernode` dialling out to the SuperLink over TLS with its site's node config."""
+              root_certificates: Path, port: int | None = None, log: Path | None = None,
+              auth_key: Path | None = None, warm: bool = False) -> Iterator[subprocess.Popen]:
+    """A running `flower-supernode` dialling out to the SuperLink over TLS with its site's node config;
+    `auth_key` is the site's private key (`fedmammo site-key`) where the SuperLink authenticates nodes.
+    With `warm`, ClientApps start from `fedmammo superexec` (`client.superexec`: PyTorch pre-imported)."""
+    port = port or free_port()
     command = [_executable("flower-supernode"), "--superlink", superlink_address,
-               "--root-certificates", str(root_certificates), "--port", str(port or free_port()),
+               "--root-certificates", str(root_certificates), "--port", str(port),
                "--node-config", node_config_text(node_config)]
-    with _process(command, flower_env(home), log or home / "supernode.log") as process:
+    if auth_key is not None:
+        command += ["--auth-supernode-private-key", str(auth_key)]
+    if warm:
+        command += ["--isolation", "process"]
+    log = log or home / "supernode.log"
+    with _process(command, flower_env(home), log) as process, contextlib.ExitStack() as stack:
+        if warm:  # in its own process group, stopped before the SuperNode as the contexts unwind
+            stack.enter_context(_process([_executable("fedmammo"), "superexec", "--runtime-api-address",
+                                          f"127.0.0.1:{port}", "--parent-pid", str(process.pid)],
+                                         flower_env(home), log.with_name(f"{log.stem}-superexec.log")))
         yield process
 
 
@@ -208,6 +234,15 @@ def _check_run_config(run_config: Mapping[str, Any], app: Path) -> None:
 def _flwr(home: Path, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
     return subprocess.run([_executable("flwr"), *args], env=flower_env(home), capture_output=True, text=True,
                           timeout=timeout_s, check=False)
+
+
+def register_supernode(home: Path, connection: str, public_key: Path, name: str) -> None:
+    """Register a site's public key (`fedmammo site-key`) with the SuperLink of `connection`, which must
+    run with SuperNode authentication: the Control API's `flwr supernode register`."""
+    result = _flwr(home, "supernode", "register", str(public_key), connection, "--name", name)
+    if result.returncode != 0:
+        raise LaunchError(f"registering {public_key} as {name} failed: {result.stdout.strip()} "
+                          f"{result.stderr.strip()}")
 
 
 def run_status(home: Path, connection: str, run_id: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from client.site_stats import ALL
 from common.atomic import write_files_atomic
 from common.stats.report import comparisons_csv, raters_csv, roc_png, to_json, to_markdown
 from server.evaluation import expand
+from server.privacy import markdown as privacy_markdown
 
 _SPLITS = ("train", "val", "test")
 
@@ -63,6 +64,11 @@ def markdown(report: Mapping[str, Any]) -> str:
               *("#" + line if line.startswith("## ") else line for line in tables)]
     if evaluation.get("left_out"):
         lines += ["", "Raters not analysed:", *(f"- {r}: {why}" for r, why in evaluation["left_out"].items())]
+    if missing := [r for r in report["rounds"] if r.get("missing")]:
+        lines += ["", "Sites missing from a round (failed, or no reply within the round's timeout):",
+                  *(f"- round {r['round']} {r['phase']}: {r['site']}" for r in missing)]
+    if "privacy" in report:
+        lines += ["", *privacy_markdown(report["privacy"])]
     return "\n".join(lines) + "\n"
 
 

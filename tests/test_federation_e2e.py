@@ -1,6 +1,6 @@
 """The app run by Flower itself: `flwr run` in simulation, and a deployment on loopback (a real SuperLink
-and three real SuperNodes over TLS with certificates from `fedmammo certs`), each judged by the run's
-real outcome as the SuperLink records it."""
+and three real SuperNodes over TLS with certificates from `fedmammo certs`, their ClientApps started by
+`fedmammo superexec`), each judged by the run's real outcome as the SuperLink records it."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_deployment_on_loopback_over_tls(sites, config, tmp_path):
             tmp_path / site.name, address,
             {"data-path": str(site), "output-path": str(tmp_path / "hospital" / site.name),
              "site-name": site.name},
-            root_certificates=certs / "ca.crt")) for site in site_folders(sites)]
+            root_certificates=certs / "ca.crt", warm=True)) for site in site_folders(sites)]
         write_connection(tmp_path / "center", "loopback", address, certs / "ca.crt")
         outcome = flwr_run(tmp_path / "center", "loopback",
                            {"config": config, "num-server-rounds": 2, "local-steps": 2, "eval-every": 0,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -122,11 +122,12 @@ class InProcessGrid(Grid):
         return replies
 
 
-def run_in_process(data_root: Path, run_config: dict[str, Any], fail: Iterable[int] = ()) -> InProcessGrid:
+def run_in_process(data_root: Path, run_config: dict[str, Any], fail: Iterable[int] = (),
+                   grid_class: Callable[..., InProcessGrid] = InProcessGrid) -> InProcessGrid:
     """Run the real ServerApp against the real ClientApps of `data_root`'s sites, in this process."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     config = {**app_defaults(), **run_config, "data-root": str(data_root)}
-    grid = InProcessGrid(config, len(site_folders(data_root)), fail)
+    grid = grid_class(config, len(site_folders(data_root)), fail)
     threads = torch.get_num_threads()  # the apps set their own; other tests keep this process's
     try:
         server_app(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=config))

@@ -10,7 +10,7 @@ from client.data import augment, batches, epoch_order, exam_tensors, pos_weight
 from client.device import resolve_runtime, seed_everything
 from client.evaluate import evaluate, predict
 from client.prepare import PreparedSite
-from client.train import train_epochs
+from client.train import scheduled_lr, train_epochs
 from common.config import Config
 from common.labels import ExamLabel
 from common.model import DualViewDenseNet
@@ -160,6 +160,24 @@ def test_train_epochs_steps_seed_and_fedprox() -> None:
     assert distance(trained(mu=1e4)) < 0.5 * distance(plain)
     with pytest.raises(ValueError, match="needs the global weights"):
         train_epochs(DualViewDenseNet(), data, config, steps=1, mu=0.1)
+
+
+def test_cosine_schedule_sets_each_epochs_rate_from_its_place_in_the_whole_run() -> None:
+    config = tiny_config(lr=1e-3, lr_schedule="cosine", batch_size=8)
+    config.data.image_size = (32, 32)
+    data = exam_tensors([make_site(size=32)], "train")  # 8 exams: one batch an epoch
+    model = DualViewDenseNet(norm="group")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    rates: list[float] = []
+    step = optimizer.step
+    optimizer.step = lambda *a, **k: (rates.append(optimizer.param_groups[0]["lr"]), step(*a, **k))[1]
+    train_epochs(model, data, config, epochs=2, optimizer=optimizer, progress=False)  # the whole run
+    train_epochs(model, data, config, epochs=2, optimizer=optimizer, progress=False, position=(4, 8))
+    expected = [1e-3, 0.5e-3, 0.5e-3 * (1 + np.cos(np.pi * 4 / 8)), 0.5e-3 * (1 + np.cos(np.pi * 5 / 8))]
+    assert rates == pytest.approx(expected)
+    assert scheduled_lr(tiny_config(lr=1e-3).train, 0.9) == 1e-3  # constant by default
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        scheduled_lr(tiny_config(lr_schedule="step").train, 0.0)
 
 
 def test_predict_in_eval_mode_keeps_training_mode_and_order() -> None:

@@ -1,0 +1,78 @@
+"""Update sanity at the center: each site's trained weights are checked before they are aggregated.
+
+A broken or hostile site must not poison the global model: an update that is not the model's one float32
+array of the exchanged size, holds NaN or Inf, claims a non-positive number of training exams, or whose
+distance to the global weights is absurd — above the run config's cap `max-update-norm`, or more than
+`update-norm-factor` times the median of the other sites' distances this round — is left out of the round
+with a logged reason naming the site. The robust strategies (trimmed mean, median, Krum) still aggregate
+what passes; this check only removes what is certainly wrong. Under secure aggregation the center sees
+no single update, so these checks cannot apply there (docs/privacy.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from logging import WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+from flwr.common import log
+
+from server.launch import MARKER
+
+
+def update_problem(reply: Message, sent: ArrayRecord) -> str | None:
+    """What makes this reply's weights unusable whatever the other sites sent, or None."""
+    arrays = reply.content.array_records.get("arrays")
+    if arrays is None or list(arrays) != list(sent):
+        return f"its weights are {sorted(arrays or {})}, expected {list(sent)}"
+    for name, expected in sent.items():
+        got = arrays[name]
+        if (got.shape, got.dtype) != (expected.shape, expected.dtype):
+            return (f"weights {name!r} are {got.dtype}{list(got.shape)}, "
+                    f"expected {expected.dtype}{list(expected.shape)}")
+        if not np.isfinite(got.numpy()).all():
+            return f"weights {name!r} hold NaN or Inf"
+    examples = reply.content.metric_records.get("metrics", {}).get("num-examples")
+    if not isinstance(examples, int | float) or not math.isfinite(examples) or examples <= 0:
+        return f"num-examples is {examples!r}, expected a positive count"
+    return None
+
+
+def update_norm(reply: Message, sent: ArrayRecord) -> float:
+    """L2 distance between a site's weights and the global weights it was sent (float64)."""
+    got = reply.content["arrays"]
+    return math.sqrt(sum(float(np.sum((got[k].numpy().astype(np.float64) - a.numpy()) ** 2))
+                         for k, a in sent.items()))
+
+
+def screen_updates(replies: Sequence[Message], sent: ArrayRecord, what: str, *, max_norm: float = 0.0,
+                   norm_factor: float = 0.0) -> tuple[list[Message], list[str]]:
+    """The replies whose update passes, in order, and one reason per rejected site ("site NAME: ...").
+
+    `max_norm` caps the update's L2 norm (0: no cap); `norm_factor` rejects an update more than that many
+    times the median norm of the round's other well-formed updates (0: off; needs another update)."""
+    reasons, kept = [], []
+    for reply in replies:
+        if problem := update_problem(reply, sent):
+            reasons.append((reply, problem))
+        else:
+            kept.append(reply)
+    norms = {id(r): update_norm(r, sent) for r in kept}
+    for reply in list(kept):
+        norm = norms[id(reply)]
+        others = [norms[id(r)] for r in kept if r is not reply]
+        problem = None
+        if max_norm and norm > max_norm:
+            problem = f"update norm {norm:.4g} exceeds max-update-norm {max_norm:.4g}"
+        elif norm_factor and others and norm > norm_factor * (median := float(np.median(others))):
+            problem = (f"update norm {norm:.4g} is more than {norm_factor:g}× the median {median:.4g} of "
+                       "the other sites' updates")
+        if problem:
+            reasons.append((reply, problem))
+    rejected = {id(r) for r, _ in reasons}
+    messages = [f"site {reply.content['site']['name']}: {problem}" for reply, problem in reasons]
+    for message in messages:
+        log(WARNING, "%s %s: update rejected, the round goes on without it: %s", MARKER, what, message)
+    return [r for r in replies if id(r) not in rejected], messages
