@@ -163,7 +163,7 @@ def main() -> None:
 
     certs = runs / "certs"
     make_certificates(certs, ["localhost", "127.0.0.1"])
-    bare, torch_floor = [], []
+    torch_floor: list[str] = []
     for warm in (False, True):  # Flower's own ClientApp processes, then `fedmammo superexec`'s warm ones
         mode = "deployment, warm ClientApps" if warm else "deployment (TLS, loopback)"
         out = runs / ("dep-warm" if warm else "dep")
@@ -177,8 +177,9 @@ def main() -> None:
             home = runs / f"center-{out.name}"
             write_connection(home, "loopback", address, certs / "ca.crt")
             deployed = flwr_run(home, "loopback", {**run, "min-nodes": 3, "out-dir": str(out)})
-            if not warm:  # the bare app, with and without importing torch, in the same federation
-                flwr_run(home, "loopback", noop_config, app=noop, echo=bare.append)
+            bare = []  # the bare app in the same federation, its ClientApps started alike
+            flwr_run(home, "loopback", noop_config, app=noop, echo=bare.append)
+            if not warm:
                 flwr_run(home, "loopback", {**noop_config, "import-torch": True}, app=noop,
                          echo=torch_floor.append)
         results[mode] = (_rounds(out), _noop_rounds(bare), deployed)

@@ -10,8 +10,8 @@ Markdown tables.
   site; `--data` reuses one already made) at 64×64 views, GroupNorm model in every arm; the federation runs
   in this process (the real ServerApp and ClientApps, `tests/test_federation_support`'s in-process Grid: no
   Ray, no SuperLink), FedAvg, one local epoch a round. Arms: no DP; central DP (server-side fixed clipping
-  at norm 1) at four noise multipliers; local DP-SGD at three target ε. The AUC is the report's pooled
-  test AUC (DeLong 95% CI), ε the report's.
+  at norm 1) at four noise multipliers; local DP-SGD at three target ε and at z = 0.001. The AUC is the
+  report's pooled test AUC (DeLong 95% CI), ε the report's.
 - steps: one process per arm and size (so that each peak is its own): `client.train.train_epochs` on
   random views, batch 8, one torch thread; CPU-seconds per step after a warm-up step (the difference of a
   1- and a (1 + steps)-step call, so without Opacus's set-up of each call), and the peak RSS growth during
@@ -43,8 +43,6 @@ from common.model import build_model  # noqa: E402
 
 CENTRAL_CLIP = 1.0
 """Central DP's clipping norm (server-side fixed clipping)."""
-LOCAL_EPSILON = (1.0, 8.0, 64.0)
-"""DP-SGD's target ε per site for the whole run (δ = 1e-5, per-exam clipping at 1.0)."""
 ARMS = ("plain, BatchNorm", "plain, GroupNorm", "DP-SGD", "DP-SGD, chunks of 2")
 
 
@@ -62,7 +60,9 @@ def _auc(args: argparse.Namespace) -> None:
             "central": [(f"central DP, z = {z:g}", "", {**central, "dp-noise-multiplier": z})
                         for z in map(float, args.central_noise.split(","))],
             "local": [(f"DP-SGD, target ε = {e:g}", f"\n[privacy]\ndp_sgd = true\ntarget_epsilon = {e}\n", {})
-                      for e in LOCAL_EPSILON]}
+                      for e in map(float, filter(None, args.local_epsilon.split(",")))]
+            + [(f"DP-SGD, z = {z:g}", f"\n[privacy]\ndp_sgd = true\nnoise_multiplier = {z}\n", {})
+               for z in map(float, filter(None, args.local_noise.split(",")))]}
     rows = [_untrained(data, base, out)] if "none" in args.arms.split(",") else []
     # several processes may run parts of the arms (`--arms`) side by side: one folder each
     for name, privacy, settings in [arm for part in args.arms.split(",") for arm in arms[part]]:
@@ -171,6 +171,9 @@ def main() -> None:
     auc.add_argument("--data", help="a study-like cohort already made (`fedmammo synth`)")
     auc.add_argument("--rounds", type=int, default=2)
     auc.add_argument("--arms", default="none,central,local", help="which arms: none, central, local")
+    auc.add_argument("--local-epsilon", default="1,8,64", help="DP-SGD's target ε per site for the run")
+    auc.add_argument("--local-noise", default="0.001",
+                     help="DP-SGD arms set by noise multiplier, no budget (0.001: clipping without noise)")
     auc.add_argument("--central-noise", default="4,1,0.1,0.001",
                      help="central DP's noise multipliers (server-side fixed clipping at norm 1)")
     auc.add_argument("--out", default="/tmp/fedmammo-privacy")
