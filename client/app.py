@@ -38,7 +38,6 @@ from torch import nn
 from client.clipping import SITE_WEIGHT, clipping_mod
 from client.data import exam_tensors
 from client.device import seed_everything, set_threads
-from client.dp import PrivateSGD
 from client.evaluate import evaluate as score_exams
 from client.evaluate import predict
 from client.prepare import PreparedSite, prepare_site
@@ -223,6 +222,8 @@ def train(msg: Message, context: Context) -> Message:
     epochs, steps = int(job.settings["local-epochs"]), int(job.settings["local-steps"]) or None
     private = None
     if job.config.privacy.dp_sgd:  # raises BudgetSpent, and the site sits the round out, once it is spent
+        from client.dp import PrivateSGD  # here: opacus takes seconds to import, paid by every message
+
         private = PrivateSGD.for_round(job.folder, job.round, job.config, len(data),
                                        planned_steps(len(data), job.config.train.batch_size, epochs, steps),
                                        int(job.settings["num-server-rounds"]))

@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,6 @@ from client.data import (
     pos_weight,
 )
 from client.device import Runtime, resolve_runtime, seed_everything, set_threads
-from client.dp import PrivateSGD
 from client.evaluate import Metrics, evaluate
 from client.prepare import PreparedSite, prepare_site
 from common.atomic import write_atomic
@@ -43,6 +42,9 @@ from common.checkpoint import (
 )
 from common.config import Config, TrainConfig, config_from_dict, load_config
 from common.model import MultiTaskLoss, build_model
+
+if TYPE_CHECKING:  # opacus takes seconds to import: only DP-SGD runs pay for it
+    from client.dp import PrivateSGD
 
 LOG_EVERY = 10
 """Steps between progress-bar loss updates (each one waits for the device)."""
