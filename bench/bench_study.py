@@ -81,6 +81,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "study.toml"))
     parser.add_argument("--out", default="/tmp/fedmammo-study")
+    parser.add_argument("--batchnorm", default="average", choices=["average", "local"],
+                        help="the federation's BatchNorm: averaged, or kept at each site (FedBN)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -103,8 +105,8 @@ def main() -> None:
     started = time.perf_counter()
     worker.start()
     outcome = simulate(data, {"config": str(config_path), "num-server-rounds": config.train.epochs,
-                              "local-epochs": 1, "baselines": True, "round-timeout": 4 * 3600.0,
-                              "out-dir": str(federated)},
+                              "local-epochs": 1, "baselines": True, "batchnorm": args.batchnorm,
+                              "round-timeout": 4 * 3600.0, "out-dir": str(federated)},
                        home=out / "flower", timeout_s=6 * 3600, echo=print)
     federated_s = time.perf_counter() - started
     worker.join()
@@ -115,7 +117,8 @@ def main() -> None:
     rows = _site_predictions(federated)
     height, width = config.data.image_size
     print(f"\n### Study-like setting: {len(sites)} sites, train {sizes} exams, {height}×{width} views, "
-          f"{config.train.epochs} epochs (federated: {config.train.epochs} rounds × 1 local epoch)\n")
+          f"{config.train.epochs} epochs (federated: {config.train.epochs} rounds × 1 local epoch, BatchNorm "
+          f"{args.batchnorm})\n")
     print("| test set | n (malignant) | federated AUC (95% CI) | local-only AUC | p fed vs local-only "
           "| central AUC | p fed vs central | fed − central |")
     print("|---|---|---|---|---|---|---|---|")
