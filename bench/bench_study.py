@@ -81,8 +81,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "study.toml"))
     parser.add_argument("--out", default="/tmp/fedmammo-study")
-    parser.add_argument("--batchnorm", default="average", choices=["average", "local"],
-                        help="the federation's BatchNorm: averaged, or kept at each site (FedBN)")
+    parser.add_argument("--batchnorm", default="local", choices=["average", "local"],
+                        help="BatchNorm kept at each site (FedBN, the default), or averaged")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

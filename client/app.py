@@ -46,6 +46,7 @@ from client.secagg import secagg_mod
 from client.site_stats import (
     LOCAL_ONLY,
     MODEL,
+    SITE,
     cases_csv,
     histograms,
     placement_sums,
@@ -244,7 +245,7 @@ def train(msg: Message, context: Context) -> Message:
         "metrics": MetricRecord({"num-examples": len(data), "loss": stats.loss, "steps": stats.steps,
                                  "seconds": stats.seconds, SITE_WEIGHT: 1.0,
                                  **(private.metrics() if private else {})}),
-        "site": ConfigRecord({"name": job.site.name}),
+        SITE: ConfigRecord({"name": job.site.name}),
     }), reply_to=msg)
 
 
@@ -286,7 +287,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     }
     return Message(RecordDict({
         "metrics": MetricRecord({"num-examples": len(test), "loss": metrics.loss}),
-        "site": ConfigRecord({"name": job.site.name, "summary": to_json(summary)}),
+        SITE: ConfigRecord({"name": job.site.name, "summary": to_json(summary)}),
     }), reply_to=msg)
 
 
@@ -297,5 +298,5 @@ def query(msg: Message, context: Context) -> Message:
     job = _Job.of(msg, context)
     cases = read_cases(job.predictions(), job.config.train.threshold)
     sums = placement_sums(cases, json.loads(str(job.settings["pooled"])), job.min_count)
-    return Message(RecordDict({"site": ConfigRecord({"name": job.site.name, "sums": to_json(sums)})}),
+    return Message(RecordDict({SITE: ConfigRecord({"name": job.site.name, "sums": to_json(sums)})}),
                    reply_to=msg)

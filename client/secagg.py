@@ -22,6 +22,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
+from client.site_stats import site_name
+
 SECAGG_WEIGHT = "secagg-weight"
 """The train config's key naming the train metric by which SecAgg+ weights the sites."""
 
@@ -49,7 +51,7 @@ def _as_train(weights: str, call_next: ClientAppCallable) -> Callable[[Message, 
         metrics = reply.content["metrics"]
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([trained - global_weights]),
                         int(metrics[str(config[SECAGG_WEIGHT])]),
-                        {**metrics, "site": str(reply.content["site"]["name"])})
+                        {**metrics, "site": site_name(reply)})
         return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
     return fit

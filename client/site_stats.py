@@ -15,7 +15,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,12 +25,17 @@ from common.stats import GRIDS, StatsInputError, pool_histograms, site_histogram
 from common.stats.analysis import subgroup_labels, subgroup_masks
 from common.stats.scores import ScoreKind, default_threshold, parse_scores
 
+if TYPE_CHECKING:
+    from flwr.app import Message
+
 MODEL, LOCAL_ONLY = "model", "local-only"
 """Rater names of the global model's scores and of the site's own model, trained on its data alone."""
 ALL = "all"
 """The group of all cases; subgroups are named COLUMN=VALUE (density=dense, symptoms=symptomatic)."""
 CASE_COLUMNS = ("exam_id", "malignant", "density", "symptomatic", "model-birads")
 """Prediction-file columns that are not raters; the columns after them are raters' scores."""
+SITE = "site"
+"""The reply record that names the site (`name`, from its node config) and holds what it sends."""
 _COUNTED = ("exams", "malignant", "dense", "symptomatic")
 _log = logging.getLogger(__name__)
 """The site's own log: details that must not reach the center."""
@@ -61,6 +66,11 @@ class Cases:
     def kinds(self, raters: Sequence[str]) -> dict[str, str]:
         return {r: self.raters[r].kind for r in raters}
 
+
+
+def site_name(reply: Message) -> str:
+    """The name of the site that sent a reply (train, evaluate or query)."""
+    return str(reply.content[SITE]["name"])
 
 def cases_csv(labels: Sequence[ExamLabel], birads: np.ndarray, scores: Mapping[str, np.ndarray]) -> str:
     """The prediction file's text; `birads` is the model's BI-RADS call, `scores` the models' 0–100 scores."""

@@ -46,7 +46,7 @@ from torch import nn
 from client.app import WEIGHTS, absolute_path, initial_model, pack_weights, parse_config, unpack_weights
 from client.clipping import CENTRAL_DP
 from client.device import set_threads
-from client.site_stats import ALL, MODEL, to_json
+from client.site_stats import ALL, MODEL, SITE, site_name, to_json
 from common.atomic import write_atomic
 from common.checkpoint import latest_checkpoint, load_checkpoint, mark_latest, save_checkpoint
 from common.config import Config
@@ -293,13 +293,13 @@ def _successful(replies: Iterable[Message], asked: Sequence[int], what: str, set
         log(WARNING, "%s %s: a site failed (node %d): %s", MARKER, what, reply.metadata.src_node_id,
             reply.error.reason)
     good = sorted((r for r in replies if not r.has_error()),
-                  key=lambda r: (str(r.content["site"]["name"]), r.metadata.src_node_id))
+                  key=lambda r: (site_name(r), r.metadata.src_node_id))
     if not good:
         reasons = "; ".join(sorted({_last_line(r.error.reason) for r in failed if r.error.reason}))
         raise RoundError(f"{what}: no site replied: {len(failed)} of {sent} failed"
                          + (f" ({reasons})" if reasons else "")
                          + f", {sent - len(replies)} did not answer within {timeout:.0f} s")
-    names = [str(r.content["site"]["name"]) for r in good]
+    names = [site_name(r) for r in good]
     if duplicates := sorted({n for n in names if names.count(n) > 1}):
         raise ValueError(f"several SuperNodes report site-name {', '.join(duplicates)}: give each its own")
     missing = attendance.missing(asked, good, everyone_asked)
@@ -352,7 +352,7 @@ def _evaluation(grid: Grid, settings: Settings, config_text: str, state: RunStat
             query = ConfigRecord({**config, "pooled": to_json(pooled)})
             answers, _ = _broadcast(grid, MessageType.QUERY, RecordDict({"config": query}), f"{what} (sums)",
                                     settings, attendance)
-            site_sums = {str(a.content["site"]["name"]): _site_json(a, "sums") for a in answers}
+            site_sums = {site_name(a): _site_json(a, "sums") for a in answers}
             if set(site_sums) != {s["site"] for s in summaries}:
                 log(WARNING, "%s not every site sent its sums: no paired tests", MARKER)
                 site_sums = None
@@ -369,8 +369,7 @@ def _evaluation(grid: Grid, settings: Settings, config_text: str, state: RunStat
 
 
 def _site_json(reply: Message, key: str) -> dict[str, Any]:
-    site = reply.content["site"]
-    return decode(str(site[key]), key, str(site["name"]))
+    return decode(str(reply.content[SITE][key]), key, site_name(reply))
 
 
 def _evaluation_row(server_round: int, site: str, table: Mapping[str, Any], loss: float, seconds: float
@@ -395,6 +394,51 @@ def _log_rows(rows: Iterable[Mapping[str, Any]]) -> None:
             row["site"], row["n"], row["loss"], auc, row["seconds"])
 
 
+def _train_round(grid: Grid, context: Context, settings: Settings, config_text: str, strategy: Strategy,
+                 state: RunState, server_round: int, attendance: Attendance, ledger: Ledger
+                 ) -> tuple[ArrayRecord, list[dict[str, Any]]]:
+    """One training round: send the global weights to the sampled sites, screen what they send back,
+    aggregate it (in the clear, or under SecAgg+); returns the new global weights and the metrics rows."""
+    started = time.perf_counter()
+    what = f"round {server_round} training"
+    _wait_for_nodes(grid, settings)
+    random.seed(f"{state.token}/{server_round}")  # Flower's strategies sample sites with `random`
+    train_config = ConfigRecord({"fedmammo-config": config_text, "run-token": state.token,
+                                 "weight-keys": state.keys, "local-epochs": settings.local_epochs,
+                                 "local-steps": settings.local_steps,
+                                 "num-server-rounds": settings.rounds, CENTRAL_DP: settings.central_dp})
+    messages = list(strategy.configure_train(server_round, state.arrays, train_config, grid))
+    ledger.configured(server_round, len(messages), strategy)
+    if settings.secagg:  # the center sees only the mean of the updates (server.secagg)
+        arrays, sent = secure_round(grid, context, settings, server_round, messages, weighting(settings))
+    else:
+        sent = grid.send_and_receive(messages, timeout=settings.round_timeout)
+    replies, missing = _successful(sent, [m.metadata.dst_node_id for m in messages], what, settings,
+                                   attendance, everyone_asked=settings.fraction_train >= 1,
+                                   minimum=settings.min_nodes)
+    if not settings.secagg:
+        replies, rejected = screen_updates(replies, state.arrays, what, max_norm=settings.max_update_norm,
+                                           norm_factor=settings.update_norm_factor)
+        if not replies:
+            raise RoundError(f"{what}: every update was rejected: {'; '.join(rejected)}")
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+    if arrays is None:
+        raise RoundError(f"round {server_round}: the strategy could not aggregate the sites' weights")
+    # FedAdam's step comes out in float64; the model and its checkpoint are float32, and a resumed run
+    # must continue from exactly what an uninterrupted one holds.
+    arrays = ArrayRecord({k: Array(a.numpy().astype(np.float32, copy=False)) for k, a in arrays.items()})
+    released = ledger.release(server_round, len(replies), strategy)
+    rows = [{"round": server_round, "phase": "train", "site": site_name(r),
+             "n": int(r.content["metrics"]["num-examples"]), "loss": float(r.content["metrics"]["loss"]),
+             "seconds": float(r.content["metrics"]["seconds"]),
+             "epsilon": r.content["metrics"].get("epsilon")} for r in replies]
+    n = sum(r["n"] for r in rows)
+    rows.append({"round": server_round, "phase": "train", "site": ALL, "n": n,
+                 "loss": sum(r["loss"] * r["n"] for r in rows) / n,
+                 "seconds": time.perf_counter() - started, **released})
+    return arrays, rows + _missing_rows(server_round, "train", missing)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     # The server's torch work is copying ~700 small tensors (packing, checkpoints): a second thread only
@@ -411,46 +455,8 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "%s run %s: %d rounds of %s, output in %s", MARKER, state.token, settings.rounds,
         settings.strategy, settings.out)
     for server_round in range(state.round + 1, settings.rounds + 1):
-        started = time.perf_counter()
-        _wait_for_nodes(grid, settings)
-        random.seed(f"{state.token}/{server_round}")  # Flower's strategies sample sites with `random`
-        train_config = ConfigRecord({"fedmammo-config": config_text, "run-token": state.token,
-                                     "weight-keys": state.keys, "local-epochs": settings.local_epochs,
-                                     "local-steps": settings.local_steps,
-                                     "num-server-rounds": settings.rounds, CENTRAL_DP: settings.central_dp})
-        messages = list(strategy.configure_train(server_round, state.arrays, train_config, grid))
-        ledger.configured(server_round, len(messages), strategy)
-        if settings.secagg:  # the center sees only the mean of the updates (server.secagg)
-            arrays, sent = secure_round(grid, context, settings, server_round, messages, weighting(settings))
-        else:
-            sent = grid.send_and_receive(messages, timeout=settings.round_timeout)
-        replies, missing = _successful(sent, [m.metadata.dst_node_id for m in messages],
-                                       f"round {server_round} training", settings, attendance,
-                                       everyone_asked=settings.fraction_train >= 1,
-                                       minimum=settings.min_nodes)
-        if not settings.secagg:
-            replies, rejected = screen_updates(replies, state.arrays, f"round {server_round} training",
-                                               max_norm=settings.max_update_norm,
-                                               norm_factor=settings.update_norm_factor)
-            if not replies:
-                reasons = "; ".join(rejected)
-                raise RoundError(f"round {server_round} training: every update was rejected: {reasons}")
-            arrays, _ = strategy.aggregate_train(server_round, replies)
-        if arrays is None:
-            raise RoundError(f"round {server_round}: the strategy could not aggregate the sites' weights")
-        # FedAdam's step comes out in float64; the model and its checkpoint are float32, and a resumed run
-        # must continue from exactly what an uninterrupted one holds.
-        arrays = ArrayRecord({k: Array(a.numpy().astype(np.float32)) for k, a in arrays.items()})
-        released = ledger.release(server_round, len(replies), strategy)
-        seconds = time.perf_counter() - started
-        rows = [{"round": server_round, "phase": "train", "site": str(r.content["site"]["name"]),
-                 "n": int(r.content["metrics"]["num-examples"]), "loss": float(r.content["metrics"]["loss"]),
-                 "seconds": float(r.content["metrics"]["seconds"]),
-                 "epsilon": r.content["metrics"].get("epsilon")} for r in replies]
-        n = sum(r["n"] for r in rows)
-        rows.append({"round": server_round, "phase": "train", "site": ALL, "n": n,
-                     "loss": sum(r["loss"] * r["n"] for r in rows) / n, "seconds": seconds, **released})
-        rows += _missing_rows(server_round, "train", missing)
+        arrays, rows = _train_round(grid, context, settings, config_text, strategy, state, server_round,
+                                    attendance, ledger)
         state.arrays, state.round = arrays, server_round
         if settings.eval_every and server_round % settings.eval_every == 0 and server_round < settings.rounds:
             rows += _evaluation(grid, settings, config_text, state, final=False, attendance=attendance)[0]

@@ -16,11 +16,7 @@ from typing import Any
 
 from flwr.app import Message
 
-from client.site_stats import ALL
-
-
-def site_name(reply: Message) -> str:
-    return str(reply.content["site"]["name"])
+from client.site_stats import ALL, site_name
 
 
 class Attendance:

@@ -19,32 +19,32 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.common import log
 
+from client.site_stats import site_name
 from server.launch import MARKER
 
 
-def update_problem(reply: Message, sent: ArrayRecord) -> str | None:
-    """What makes this reply's weights unusable whatever the other sites sent, or None."""
+def inspect_update(reply: Message, sent: ArrayRecord) -> tuple[str | None, float]:
+    """What makes this reply's weights unusable whatever the other sites sent (or None), and their L2
+    distance to the global weights they were sent (float64), in one pass over the weights."""
     arrays = reply.content.array_records.get("arrays")
     if arrays is None or list(arrays) != list(sent):
-        return f"its weights are {sorted(arrays or {})}, expected {list(sent)}"
+        return f"its weights are {sorted(arrays or {})}, expected {list(sent)}", math.nan
+    squares = 0.0
     for name, expected in sent.items():
         got = arrays[name]
         if (got.shape, got.dtype) != (expected.shape, expected.dtype):
             return (f"weights {name!r} are {got.dtype}{list(got.shape)}, "
-                    f"expected {expected.dtype}{list(expected.shape)}")
-        if not np.isfinite(got.numpy()).all():
-            return f"weights {name!r} hold NaN or Inf"
+                    f"expected {expected.dtype}{list(expected.shape)}"), math.nan
+        diff = got.numpy().astype(np.float64).ravel() - expected.numpy().ravel()
+        # the global weights are finite, and float32 values squared cannot overflow float64: the sum is
+        # not finite exactly when the site's weights hold NaN or Inf
+        if not math.isfinite(part := float(np.dot(diff, diff))):
+            return f"weights {name!r} hold NaN or Inf", math.nan
+        squares += part
     examples = reply.content.metric_records.get("metrics", {}).get("num-examples")
     if not isinstance(examples, int | float) or not math.isfinite(examples) or examples <= 0:
-        return f"num-examples is {examples!r}, expected a positive count"
-    return None
-
-
-def update_norm(reply: Message, sent: ArrayRecord) -> float:
-    """L2 distance between a site's weights and the global weights it was sent (float64)."""
-    got = reply.content["arrays"]
-    return math.sqrt(sum(float(np.sum((got[k].numpy().astype(np.float64) - a.numpy()) ** 2))
-                         for k, a in sent.items()))
+        return f"num-examples is {examples!r}, expected a positive count", math.nan
+    return None, math.sqrt(squares)
 
 
 def screen_updates(replies: Sequence[Message], sent: ArrayRecord, what: str, *, max_norm: float = 0.0,
@@ -53,13 +53,13 @@ def screen_updates(replies: Sequence[Message], sent: ArrayRecord, what: str, *, 
 
     `max_norm` caps the update's L2 norm (0: no cap); `norm_factor` rejects an update more than that many
     times the median norm of the round's other well-formed updates (0: off; needs another update)."""
-    reasons, kept = [], []
+    reasons, kept, norms = [], [], {}
     for reply in replies:
-        if problem := update_problem(reply, sent):
+        problem, norms[id(reply)] = inspect_update(reply, sent)
+        if problem:
             reasons.append((reply, problem))
         else:
             kept.append(reply)
-    norms = {id(r): update_norm(r, sent) for r in kept}
     for reply in list(kept):
         norm = norms[id(reply)]
         others = [norms[id(r)] for r in kept if r is not reply]
@@ -72,7 +72,7 @@ def screen_updates(replies: Sequence[Message], sent: ArrayRecord, what: str, *, 
         if problem:
             reasons.append((reply, problem))
     rejected = {id(r) for r, _ in reasons}
-    messages = [f"site {reply.content['site']['name']}: {problem}" for reply, problem in reasons]
+    messages = [f"site {site_name(reply)}: {problem}" for reply, problem in reasons]
     for message in messages:
         log(WARNING, "%s %s: update rejected, the round goes on without it: %s", MARKER, what, message)
     return [r for r in replies if id(r) not in rejected], messages
