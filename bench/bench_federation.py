@@ -151,14 +151,18 @@ def main() -> None:
     run_in_process(data, {**run, "num-server-rounds": 1, "out-dir": str(runs / "warm")})
 
     lines: list[str] = []
-    sim = simulate(data, {**run, "out-dir": str(runs / "sim")}, home=runs / "sim-flower", echo=lines.append)
+    # Ray is told of one CPU per site, so that the three sites train at once as deployed sites do and the
+    # slowest site's training is the round's critical path (with 2 CPUs, one site would wait for another)
+    at_once = {"init-args-num-cpus": 3}
+    sim = simulate(data, {**run, "out-dir": str(runs / "sim")}, home=runs / "sim-flower", echo=lines.append,
+                   federation_config=at_once)
     bare: list[str] = []
     home = runs / "noop-sim-flower"  # the bare app in a simulation federation of the same size
     home.mkdir(parents=True, exist_ok=True)
     with superlink(home, simulation=True) as address:
         write_connection(home, "sim", address)
         flwr_run(home, "sim", noop_config, app=noop, echo=bare.append,
-                 federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1})
+                 federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1, **at_once})
     results["simulation"] = (_rounds(runs / "sim"), _noop_rounds(bare), sim)
 
     certs = runs / "certs"

@@ -319,9 +319,10 @@ def _final_status(home: Path, connection: str, run_id: int, wait_s: float = 30.0
 
 def simulate(data_root: Path, run_config: Mapping[str, Any], *, home: Path | None = None,
              timeout_s: float = 3600.0, echo: Callable[[str], None] | None = None,
-             cpus_per_site: int = 1) -> RunOutcome:
+             cpus_per_site: int = 1, federation_config: Mapping[str, Any] | None = None) -> RunOutcome:
     """Run the federation in simulation, one virtual SuperNode per site folder of `data_root`
-    (`client.app.site_folders`: virtual node i reads the i-th).
+    (`client.app.site_folders`: virtual node i reads the i-th); `federation_config` adds to Flower's
+    simulation settings (e.g. `init-args-num-cpus`: the CPUs Ray may hand out, the machine's by default).
 
     `home` keeps the Flower state and logs (a temporary folder, removed afterwards, when None). Paths in
     `run_config` should be absolute: the ServerApp and ClientApps do not run in this directory.
@@ -339,7 +340,8 @@ def simulate(data_root: Path, run_config: Mapping[str, Any], *, home: Path | Non
         run_config = {**run_config, "data-root": str(Path(data_root).resolve())}
         return flwr_run(home, "fedmammo-simulation", run_config,
                         federation_config={"num-supernodes": len(sites),
-                                           "client-resources-num-cpus": cpus_per_site},
+                                           "client-resources-num-cpus": cpus_per_site,
+                                           **(federation_config or {})},
                         timeout_s=timeout_s, echo=echo)
 
 
