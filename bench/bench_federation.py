@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import importlib
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -113,6 +115,43 @@ def _rounds(out: Path) -> list[tuple[float, float]]:
 
 def _noop_rounds(lines: list[str]) -> list[float]:
     return [float(line.split()[-1]) for line in lines if line.startswith("noop round")]
+
+
+PHASES = {
+    "center: update screen (NaN/Inf, norms)": ("server.app", "screen_updates"),
+    "center: FedAvg aggregation": ("flwr.serverapp.strategy.fedavg", "FedAvg.aggregate_train"),
+    "center: checkpoint (27 MB, SHA-256, fsync) + metrics.csv": ("server.app", "_save"),
+    "site: model with the global weights (copy + load)": ("client.app", "_global_model"),
+    "site: prepared site (cached in the process)": ("client.app", "_prepared"),
+    "site: reply weights packed into one array": ("client.app", "pack_weights"),
+    "site: local state saved (BatchNorm counters)": ("client.app", "save_checkpoint"),
+    "site: local training (not overhead)": ("client.app", "train_epochs"),
+}
+"""Where fedmammo's own time goes, per round: the functions timed in the in-process run."""
+
+
+def _breakdown(data: Path, run: dict, out: Path, rounds: int) -> dict[str, float]:
+    """Seconds per round spent in each of PHASES, over a `rounds`-round in-process run (warm caches)."""
+    spent = dict.fromkeys(PHASES, 0.0)
+
+    def timed(phase: str, function):
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[phase] += time.perf_counter() - started
+        return call
+
+    with contextlib.ExitStack() as stack:
+        for phase, (module, name) in PHASES.items():
+            owner = importlib.import_module(module)
+            *path, attribute = name.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            stack.enter_context(mock.patch.object(owner, attribute, timed(phase, getattr(owner, attribute))))
+        run_in_process(data, {**run, "num-server-rounds": rounds, "out-dir": str(out)})
+    return {phase: seconds / rounds for phase, seconds in spent.items()}
 
 
 def _summary(values: list[float]) -> str:
@@ -205,6 +244,10 @@ def main() -> None:
     floor = _noop_rounds(torch_floor)
     print(f"\nDeployment, the bare app importing torch + torchvision in its ClientApp: round "
           f"{_summary(floor[1:] or floor)} s")
+    print(f"\n### Where fedmammo's own time goes (the same run in one process, {args.rounds} rounds)\n")
+    print("| phase | seconds per round (all sites) |\n|---|---|")
+    for phase, seconds in _breakdown(data, run, runs / "breakdown", args.rounds).items():
+        print(f"| {phase} | {seconds:.3f} |")
 
     if args.demo_rounds < 1:
         return
