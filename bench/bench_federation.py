@@ -240,7 +240,7 @@ def main() -> None:
         print(f"| {mode} | {_summary([w for w, _ in measured])} | {_summary([c for _, c in measured])} "
               f"| {_summary(overhead)} | {_summary(flower[1:] or flower)} "
               f"| {statistics.median(overhead) / statistics.median(flower[1:] or flower):.2f} "
-              f"| {up / model_bytes:.2f} / {down / model_bytes:.2f} |")
+              f"| {f'{up / model_bytes:.2f} / {down / model_bytes:.2f}' if outcome.bytes_in else 'n/a'} |")
     floor = _noop_rounds(torch_floor)
     print(f"\nDeployment, the bare app importing torch + torchvision in its ClientApp: round "
           f"{_summary(floor[1:] or floor)} s")
