@@ -16,7 +16,7 @@ from test_federation_support import predictions, run_in_process, truth_and
 from client.app import WEIGHTS, initial_model, pack_weights, unpack_weights
 from client.site_stats import LOCAL_ONLY, MODEL
 from client.train import config_of, load_weights
-from common.checkpoint import latest_checkpoint, load_checkpoint
+from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from common.config import Config
 from common.model import build_model
 from common.stats import auc_ci, delong_test
@@ -120,6 +120,24 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(sites, config, tmp_pat
         kept_a, kept_b = load_checkpoint(a).tensors, load_checkpoint(b).tensors
         assert any("norm" in k for k in kept_a)
         assert all(torch.equal(kept_a[k], kept_b[k]) for k in kept_a)
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_its_error(sites, config, tmp_path,
+                                                                          monkeypatch):
+    """Checkpoints are written beside the next round (server.app.main): a failed write must still stop
+    the run, naming the cause, and never leave a later round's checkpoint behind it."""
+
+    def full_disk(path, tensors, metadata=None):
+        if path.name == "round-0001.safetensors":
+            raise OSError(28, "No space left on device", str(path))
+        return save_checkpoint(path, tensors, metadata)
+
+    monkeypatch.setattr("server.app.save_checkpoint", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        run_in_process(sites, {"config": config, "num-server-rounds": 3, "local-steps": 1, "eval-every": 0,
+                               "out-dir": str(tmp_path)})
+    assert latest_checkpoint(tmp_path / "checkpoints") is None
+    assert not list((tmp_path / "checkpoints").glob("round-*"))  # round 2's write was never started
 
 
 def test_a_round_in_which_every_site_fails_stops_the_run_without_a_checkpoint(sites, config, tmp_path):
