@@ -120,7 +120,8 @@ def _noop_rounds(lines: list[str]) -> list[float]:
 PHASES = {
     "center: update screen (NaN/Inf, norms)": ("server.app", "screen_updates"),
     "center: FedAvg aggregation": ("flwr.serverapp.strategy.fedavg", "FedAvg.aggregate_train"),
-    "center: checkpoint (27 MB, SHA-256, fsync) + metrics.csv": ("server.app", "_save"),
+    "center: checkpoint + metrics.csv (the copy; the write runs beside the next round)":
+        ("server.app", "_checkpoint_writer"),
     "site: model with the global weights (copy + load)": ("client.app", "_global_model"),
     "site: prepared site (cached in the process)": ("client.app", "_prepared"),
     "site: reply weights packed into one array": ("client.app", "pack_weights"),

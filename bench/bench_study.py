@@ -38,6 +38,7 @@ from client.train import train_epochs  # noqa: E402
 from common.cli import main as fedmammo  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.stats import auc_ci, delong_test  # noqa: E402
+from server.app import BATCHNORM  # noqa: E402
 from server.evaluation import SITE_GROUP  # noqa: E402
 from server.launch import simulate  # noqa: E402
 
@@ -81,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "study.toml"))
     parser.add_argument("--out", default="/tmp/fedmammo-study")
-    parser.add_argument("--batchnorm", default="local", choices=["average", "local"],
+    parser.add_argument("--batchnorm", default="local", choices=BATCHNORM,
                         help="BatchNorm kept at each site (FedBN, the default), or averaged")
     args = parser.parse_args()
     out = Path(args.out).resolve()

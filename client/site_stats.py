@@ -67,10 +67,10 @@ class Cases:
         return {r: self.raters[r].kind for r in raters}
 
 
-
 def site_name(reply: Message) -> str:
     """The name of the site that sent a reply (train, evaluate or query)."""
     return str(reply.content[SITE]["name"])
+
 
 def cases_csv(labels: Sequence[ExamLabel], birads: np.ndarray, scores: Mapping[str, np.ndarray]) -> str:
     """The prediction file's text; `birads` is the model's BI-RADS call, `scores` the models' 0–100 scores."""

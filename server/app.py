@@ -255,8 +255,8 @@ def global_weights(state: RunState) -> dict[str, torch.Tensor]:
     return unpack_weights(state.arrays, state.keys, state.template)
 
 
-def _save(settings: Settings, run_config: Mapping[str, Any], config_text: str, strategy: Strategy,
-          state: RunState) -> Callable[[], None]:
+def _checkpoint_writer(settings: Settings, run_config: Mapping[str, Any], config_text: str,
+                       strategy: Strategy, state: RunState) -> Callable[[], None]:
     """The round's checkpoint and metrics.csv, to be written (the returned call) while the next round
     runs: what it writes is copied now, since the next round changes the strategy's state and history."""
     tensors = global_weights(state) | strategy_state(strategy, [WEIGHTS])
@@ -477,7 +477,7 @@ def main(grid: Grid, context: Context) -> None:
                 rows += _evaluation(grid, settings, config_text, state, final=False, attendance=attendance)[0]
             _log_rows(rows)
             state.history += rows
-            write = _save(settings, context.run_config, config_text, strategy, state)
+            write = _checkpoint_writer(settings, context.run_config, config_text, strategy, state)
             if written is not None:
                 written.result()  # the previous round's, raising its error if it failed
             written = writer.submit(write)
