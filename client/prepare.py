@@ -42,7 +42,7 @@ from common.config import Config
 from common.exams import LABELS_FILE, Exam, Rejection, pair_exams, scan_site, site_files
 from common.labels import ExamLabel, read_labels
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bump when reading or preprocessing changes what a cached view holds."""
 _TIMED_OUT = "decoding timed out"
 """Start of a time-out's reason: never cached, as it may have been a busy machine."""

@@ -1,8 +1,15 @@
-"""One view's pixels made into a model input: cropped to the breast, resized with its aspect kept, padded.
+"""One view's pixels made into a model input: cropped to the breast, resized with its aspect kept, padded,
+its grey levels harmonised.
 
 Input and output follow the canonical orientation of `common.dicom`: chest wall at column 0, higher =
 denser, values in [0, 1]. The breast is found on a strided copy of the image at most `MASK_SIDE` pixels
 high and wide: a mask needs no anti-aliasing, and this keeps it ~100× cheaper than the full-size image.
+
+Each vendor's "for presentation" processing and VOI (a gamma, a sigmoid window, a LUT) bends the grey
+scale its own way, so the same tissue reaches the model at other intensities from each site; a model
+shared by the sites then fits the largest site's scale. `harmonize` maps the breast's own grey-level
+percentiles onto one fixed scale, which undoes any monotone tone curve (not edge enhancement, a
+spatial filter that the resize to the model's size mostly smooths away).
 """
 
 from __future__ import annotations
@@ -20,6 +27,15 @@ BACKGROUND_TAIL = 0.05
 SIDE_MARGIN = 0.1
 """How much more of the image height the breast must cover along one edge than along the other for the
 pixels to tell the chest-wall side."""
+PERCENTILES = np.array([1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99], dtype=np.float64)
+"""The breast's grey-level landmarks that `harmonize` puts in place: denser at the tails, where the skin
+line and the densest tissue (lesions among it) lie."""
+TARGET_RANGE = (0.1, 0.95)
+"""Where the 1st and 99th percentiles land; the landmarks between are spaced evenly by percentile (a
+uniform standard scale). The breast's darkest level goes to 0 with the background (air is a vendor's
+offset, 0.02 to 0.1 of the range, not 0), 1 stays 1."""
+MIN_BREAST_PIXELS = 64
+"""Fewer breast pixels than this (no breast found) leave the grey levels as they are."""
 
 
 def background_threshold(values: np.ndarray, bins: int = 128) -> float:
@@ -70,9 +86,9 @@ def chest_wall_side(pixels: np.ndarray) -> str | None:
     return "left" if left > right else "right"
 
 
-def crop_to_breast(pixels: np.ndarray) -> np.ndarray:
-    """The bounding box of the breast (a view, no copy); the whole image when no breast is found."""
-    mask, stride = breast_mask(pixels)
+def crop_to_breast(pixels: np.ndarray, mask: np.ndarray, stride: int) -> np.ndarray:
+    """The bounding box of the breast (a view, no copy) given `breast_mask(pixels)`; the whole image when
+    no breast is found."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:
         return pixels
@@ -105,6 +121,30 @@ def fit(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def harmonize(pixels: np.ndarray, breast: np.ndarray) -> np.ndarray:
+    """Grey levels mapped so that the breast's `PERCENTILES` land on one fixed scale (`TARGET_RANGE`),
+    piecewise linearly, with everything up to the breast's darkest level at 0 and 1 kept at 1: Nyúl and
+    Udupa's histogram standardisation with a uniform standard. Monotone, so the order of grey levels (a
+    lesion brighter than its surround) is kept.
+
+    `breast`: the breast's grey levels (a subsample suffices); `pixels` may be the image at any size.
+    """
+    if breast.size < MIN_BREAST_PIXELS:
+        return pixels
+    low, high = TARGET_RANGE
+    source = np.concatenate([[breast.min()], np.percentile(breast, PERCENTILES), [1.0]])
+    # Tied landmarks (a flat or clipped breast) would leave np.interp undefined: a ramp of 1e-6 per
+    # landmark makes them strictly increasing without moving any by a grey level.
+    source = source + 1e-6 * np.arange(source.size)
+    target = np.concatenate([[0.0], low + (high - low) * (PERCENTILES - 1) / 98, [1.0]])
+    return np.interp(pixels, source, target).astype(np.float32)
+
+
 def preprocess_view(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A canonically oriented view (`common.dicom.View.pixels`) as model input: float32 (H, W) in [0, 1]."""
-    return np.clip(fit(crop_to_breast(pixels), size), 0.0, 1.0)
+    """A canonically oriented view (`common.dicom.View.pixels`) as model input: float32 (H, W) in [0, 1].
+
+    Harmonised after the resize: the same mapping, applied to ~100× fewer pixels.
+    """
+    mask, stride = breast_mask(pixels)
+    breast = np.asarray(pixels[::stride, ::stride])[mask]
+    return np.clip(harmonize(fit(crop_to_breast(pixels, mask, stride), size), breast), 0.0, 1.0)

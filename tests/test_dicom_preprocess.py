@@ -1,12 +1,27 @@
-"""common.preprocess: breast mask, crop, aspect-kept resize and padding."""
+"""common.preprocess: breast mask, crop, aspect-kept resize and padding, grey-level harmonisation (also
+across the synthetic vendors, through their real DICOM files)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 from dicom_factory import phantom
 
-from common.preprocess import breast_mask, chest_wall_side, crop_to_breast, fit, preprocess_view, resize
+from common.dicom import read_view
+from common.preprocess import (
+    TARGET_RANGE,
+    breast_mask,
+    chest_wall_side,
+    crop_to_breast,
+    fit,
+    harmonize,
+    preprocess_view,
+    resize,
+)
+from common.synth.generate import CohortSpec, plan, write_study
+from common.synth.vendors import PROFILES
 
 
 def _breast(rows: int = 400, cols: int = 300) -> np.ndarray:
@@ -37,7 +52,8 @@ def test_chest_wall_side() -> None:
 
 
 def test_crop_to_breast() -> None:
-    crop = crop_to_breast(_breast())
+    image = _breast()
+    crop = crop_to_breast(image, *breast_mask(image))
     assert crop.shape[1] == pytest.approx(0.6 * 300, abs=6)  # chest wall to nipple
     assert crop.shape[0] == pytest.approx(0.8 * 400, abs=6)
 
@@ -63,3 +79,68 @@ def test_preprocess_view() -> None:
     assert out.shape == (128, 96) and out.dtype == np.float32
     assert out.min() >= 0.0 and out.max() <= 1.0
     assert out[:, 0].mean() > 0.5  # the chest wall (pectoral muscle, tissue) at column 0
+
+
+def _tone_curves() -> dict[str, np.ndarray]:
+    """One breast under three monotone tone curves (a gamma, its inverse, a sigmoid window), each with
+    the background at another grey level, as the vendors' VOI leave it."""
+    image = _breast(200, 150)  # under MASK_SIDE: the mask at full resolution
+    mask, _ = breast_mask(image)
+    tissue = np.where(mask, image, 0.0)
+    sigmoid = 1 / (1 + np.exp(-4 * (2 * tissue - 1)))
+    return {"gamma 0.5": np.where(mask, tissue ** 0.5, 0.0),
+            "gamma 2": np.where(mask, 0.05 + 0.9 * tissue ** 2, 0.05),
+            "sigmoid": np.where(mask, sigmoid, sigmoid.min())}
+
+
+def test_harmonize_undoes_monotone_tone_curves() -> None:
+    outputs = {}
+    for name, image in _tone_curves().items():
+        mask, stride = breast_mask(image)
+        out = harmonize(image, image[::stride, ::stride][mask])
+        assert out.dtype == np.float32 and out.min() >= 0.0 and out.max() <= 1.0, name
+        assert np.all(out[~mask] == 0.0), name  # the background at 0, whatever its level was
+        low, high = np.percentile(out[mask], [1, 99])
+        assert (low, high) == pytest.approx(TARGET_RANGE, abs=0.02), name
+        order = np.argsort(image[mask], kind="stable")
+        assert np.all(np.diff(out[mask][order]) >= 0), name  # monotone: brighter stays brighter
+        outputs[name] = out
+    before = max(np.abs(a - b).max() for a in _tone_curves().values() for b in _tone_curves().values())
+    after = max(np.abs(a - b).max() for a in outputs.values() for b in outputs.values())
+    assert before > 0.3 and after < 0.02, (before, after)
+
+
+def test_harmonize_leaves_an_image_without_breast_alone() -> None:
+    flat = np.full((40, 30), 0.4, np.float32)
+    assert harmonize(flat, flat[:0]) is flat
+    clipped = np.ones((40, 30), np.float32)  # every landmark tied at 1: still defined, still in [0, 1]
+    out = harmonize(clipped, clipped.ravel())
+    assert np.all(np.isfinite(out)) and out.max() <= 1.0
+
+
+def _breast_levels(views: list[np.ndarray]) -> np.ndarray:
+    return np.percentile(np.concatenate([v[v > 0] for v in views]), [10, 25, 50, 75, 90])
+
+
+def test_preprocess_puts_every_vendor_on_one_grey_scale(tmp_path: Path) -> None:
+    """One patient's four views through each synthetic vendor's processing, written as DICOM and read by
+    the product's reader: before harmonisation the vendors' in-breast grey levels differ (Kestrel's sigmoid
+    VOI darkens the fat), after it they agree."""
+    spec = CohortSpec(train=(1, 1, 1), val=(1, 1, 1), test=(1, 1, 1), seed=7, scale=0.08)
+    case = plan(spec)[0].cases[0]
+    raw, model_input = {}, {}
+    for profile in PROFILES[:3]:
+        write_study(case, profile, tmp_path / profile.key, spec.scale, spec.seed, conspicuity=0.6)
+        views = [read_view(path).pixels for path in sorted((tmp_path / profile.key).rglob("*.dcm"))]
+        assert len(views) == 4
+        raw[profile.key] = []
+        for pixels in views:
+            mask, stride = breast_mask(pixels)
+            raw[profile.key].append(np.where(mask, pixels[::stride, ::stride], 0.0))
+        model_input[profile.key] = [preprocess_view(pixels, (128, 96)) for pixels in views]
+
+    def spread(levels: dict[str, list[np.ndarray]]) -> float:
+        per_vendor = np.stack([_breast_levels(views) for views in levels.values()])
+        return float((per_vendor.max(axis=0) - per_vendor.min(axis=0)).max())
+
+    assert spread(raw) > 0.08 and spread(model_input) < 0.05, (spread(raw), spread(model_input))
