@@ -7,9 +7,9 @@ high and wide: a mask needs no anti-aliasing, and this keeps it ~100× cheaper t
 
 Each vendor's "for presentation" processing and VOI (a gamma, a sigmoid window, a LUT) bends the grey
 scale its own way, so the same tissue reaches the model at other intensities from each site; a model
-shared by the sites then fits the largest site's scale. `harmonize` maps the breast's own grey-level
-percentiles onto one fixed scale, which undoes any monotone tone curve (not edge enhancement, a
-spatial filter that the resize to the model's size mostly smooths away).
+shared by the sites then fits the largest site's scale. `harmonize` maps landmarks of the breast's own
+grey levels onto fixed levels (not edge enhancement, a spatial filter that the resize to the model's size
+mostly smooths away).
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ BACKGROUND_TAIL = 0.05
 SIDE_MARGIN = 0.1
 """How much more of the image height the breast must cover along one edge than along the other for the
 pixels to tell the chest-wall side."""
-PERCENTILES = np.array([1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99], dtype=np.float64)
-"""The breast's grey-level landmarks that `harmonize` puts in place: denser at the tails, where the skin
-line and the densest tissue (lesions among it) lie."""
-TARGET_RANGE = (0.1, 0.95)
-"""Where the 1st and 99th percentiles land; the landmarks between are spaced evenly by percentile (a
-uniform standard scale). The breast's darkest level goes to 0 with the background (air is a vendor's
-offset, 0.02 to 0.1 of the range, not 0), 1 stays 1."""
+LANDMARKS = ((0.1, 0.0), (10.0, 0.15), (50.0, 0.45), (99.0, 0.9))
+"""(percentile of the breast's grey levels, where `harmonize` puts it): the skin line's darkest pixels at
+the background's 0 (the breast's minimum would let a stray pixel move every grey level), the fat, the
+midtones, the densest tissue, at the levels of a linear presentation. Few landmarks, not a full histogram
+match: equalising every decile squeezes the sparse bright tail, where a lesion lies, and flattens its
+contrast."""
 MIN_BREAST_PIXELS = 64
 """Fewer breast pixels than this (no breast found) leave the grey levels as they are."""
 
@@ -122,21 +121,24 @@ def fit(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def harmonize(pixels: np.ndarray, breast: np.ndarray) -> np.ndarray:
-    """Grey levels mapped so that the breast's `PERCENTILES` land on one fixed scale (`TARGET_RANGE`),
-    piecewise linearly, with everything up to the breast's darkest level at 0 and 1 kept at 1: Nyúl and
-    Udupa's histogram standardisation with a uniform standard. Monotone, so the order of grey levels (a
-    lesion brighter than its surround) is kept.
+    """Grey levels mapped piecewise linearly so that the breast's `LANDMARKS` land on fixed levels, the
+    background below the first at 0; above the top landmark the upper segment's slope goes on, keeping
+    the contrast of what is brighter than the tissue. Monotone, so the order of grey levels is kept.
+    Nyúl and Udupa's histogram standardisation, with few landmarks.
 
-    `breast`: the breast's grey levels (a subsample suffices); `pixels` may be the image at any size.
+    Undoes a vendor's offset, window and most of a tone curve's bend, and with them a cue no lesion gives:
+    an image-wide window that a bright lesion stretched. `breast`: the breast's grey levels (a subsample
+    suffices); `pixels`: the image at any size. Values may exceed 1 above the top landmark.
     """
     if breast.size < MIN_BREAST_PIXELS:
         return pixels
-    low, high = TARGET_RANGE
-    source = np.concatenate([[breast.min()], np.percentile(breast, PERCENTILES), [1.0]])
-    # Tied landmarks (a flat or clipped breast) would leave np.interp undefined: a ramp of 1e-6 per
-    # landmark makes them strictly increasing without moving any by a grey level.
-    source = source + 1e-6 * np.arange(source.size)
-    target = np.concatenate([[0.0], low + (high - low) * (PERCENTILES - 1) / 98, [1.0]])
+    percentiles, levels = zip(*LANDMARKS, strict=True)
+    # Tied landmarks (a flat or clipped breast) would divide by zero: a ramp of 1e-6 parts them.
+    source = np.percentile(breast, percentiles) + 1e-6 * np.arange(len(percentiles))
+    target = np.asarray(levels)
+    slope = (target[-1] - target[-2]) / (source[-1] - source[-2])
+    top = max(1.0, source[-1] + 1e-3)
+    source, target = np.append(source, top), np.append(target, target[-1] + slope * (top - source[-1]))
     return np.interp(pixels, source, target).astype(np.float32)
 
 
