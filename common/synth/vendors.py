@@ -122,7 +122,8 @@ def present(profile: VendorProfile, attenuation: np.ndarray, mask: np.ndarray,
             rng: np.random.Generator, spacing: float) -> Presentation:
     """Apply the vendor's processing to a phantom projection: tone curve, edge enhancement, noise,
     quantisation to its bit depth and photometric interpretation, and a VOI window fitted to the breast,
-    as units compute one per image."""
+    as units compute one per image. The window is fitted with the lesion in it, so a bright lesion darkens
+    the rest of the breast: an image-wide cue that `common.preprocess.harmonize` removes."""
     maximum = 2**profile.bits_stored - 1
     v = np.clip(attenuation / ATTENUATION_RANGE, 0, 1) ** profile.gamma
     if profile.sharpen:
