@@ -12,7 +12,8 @@ Workers come from a fork server, not a plain fork: the parent may run threads (t
 would copy in a broken state. As with `spawn`, a script that calls `prepare_site` must guard its entry
 point with `if __name__ == "__main__":` (workers import the main module).
 
-Preprocessed views are cached per file (key: path, size, modification time, image size, `CACHE_VERSION`)
+Preprocessed views are cached per file (key: path, size, modification time, image size, `CACHE_VERSION`,
+`common.preprocess.VERSION`)
 and written atomically, so a second run and every federated round skip decoding. A file's rejection is
 cached too, except a time-out, which may have been a busy machine. The prepared site as a whole is kept
 as well (key: every file's path, size and modification time, and labels.csv's), so that a federated
@@ -41,9 +42,12 @@ from common.atomic import write_atomic
 from common.config import Config
 from common.exams import LABELS_FILE, Exam, Rejection, pair_exams, scan_site, site_files
 from common.labels import ExamLabel, read_labels
+from common.preprocess import VERSION as INPUTS_VERSION
 
-CACHE_VERSION = 2
-"""Bump when reading or preprocessing changes what a cached view holds."""
+CACHE_VERSION = 1
+"""Bump when the cache's own layout changes (what the views hold is `common.preprocess.VERSION`)."""
+_KEY_VERSION = f"{CACHE_VERSION}.{INPUTS_VERSION}"
+"""In every cache key."""
 _TIMED_OUT = "decoding timed out"
 """Start of a time-out's reason: never cached, as it may have been a busy machine."""
 _START_TIMEOUT_S = 300.0
@@ -225,7 +229,7 @@ class _Cache:
             stat = path.stat()
         except OSError:
             return None
-        key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{self.size}\0{CACHE_VERSION}"
+        key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{self.size}\0{_KEY_VERSION}"
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()}.npz"
 
     def load(self, path: Path) -> Decoded | None:
@@ -260,7 +264,7 @@ class _Cache:
         and the settings that shape the arrays. None when there is no cache or a file vanished."""
         if self.folder is None:
             return None
-        digest = hashlib.sha256(f"{CACHE_VERSION}\0{self.size}\0{config.data.bilateral}".encode())
+        digest = hashlib.sha256(f"{_KEY_VERSION}\0{self.size}\0{config.data.bilateral}".encode())
         try:
             for path in [root / LABELS_FILE, *site_files(root, skip=[self.folder])]:
                 stat = path.stat()

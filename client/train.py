@@ -42,6 +42,7 @@ from common.checkpoint import (
 )
 from common.config import Config, TrainConfig, config_from_dict, load_config
 from common.model import MultiTaskLoss, build_model
+from common.preprocess import VERSION as INPUTS_VERSION
 
 if TYPE_CHECKING:  # opacus takes seconds to import: only DP-SGD runs pay for it
     from client.dp import PrivateSGD
@@ -201,8 +202,18 @@ def _config_dict(config: Config) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+def model_metadata(config: Config) -> dict[str, Any]:
+    """What a checkpoint of trained weights records of how they were made, for `config_of`."""
+    return {"config": _config_dict(config), "inputs": INPUTS_VERSION}
+
+
 def config_of(checkpoint: Checkpoint, source: Path) -> Config:
-    """The config a checkpoint was trained with."""
+    """The config a checkpoint was trained with; weights trained on other inputs are refused."""
+    inputs = checkpoint.metadata.get("inputs", 1)  # version 1 did not record itself
+    if inputs != INPUTS_VERSION:
+        raise CheckpointError(f"{source}: trained on inputs of preprocessing version {inputs}, but this "
+                              f"fedmammo makes version {INPUTS_VERSION}; retrain, or use the fedmammo "
+                              "release that trained these weights")
     try:
         return config_from_dict(checkpoint.metadata["config"], f"{source} (stored config)")
     except (KeyError, TypeError) as exc:
@@ -302,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
         key = _selection_key(val, epoch)
         if state["best"] is None or key > state["best"]["key"]:
             state["best"] = {"epoch": epoch + 1, "key": key}
-            meta = {"config": _config_dict(config), "epoch": epoch + 1, "val": val and val.to_dict()}
+            meta = {**model_metadata(config), "epoch": epoch + 1, "val": val and val.to_dict()}
             save_checkpoint(out / "best.safetensors", model.state_dict(), meta)
         state["epoch"] = epoch + 1
         state["history"][-1]["seconds"] = time.perf_counter() - epoch_started  # with val and checkpoints
@@ -344,7 +355,7 @@ def _save_epoch(folder: Path, epoch: int, model: nn.Module, optimizer: torch.opt
     """Write this epoch's resumable checkpoint, point `latest` at it, then drop the previous one."""
     tensors, optimizer_meta = optimizer_tensors(optimizer)
     path = folder / f"epoch_{epoch:03d}.safetensors"
-    meta = {"config": _config_dict(config), "epoch": epoch, "optimizer": optimizer_meta, "state": state}
+    meta = {**model_metadata(config), "epoch": epoch, "optimizer": optimizer_meta, "state": state}
     save_checkpoint(path, {**model.state_dict(), **tensors}, meta)
     mark_latest(path)
     previous = folder / f"epoch_{epoch - 1:03d}.safetensors"

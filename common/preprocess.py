@@ -19,6 +19,10 @@ import math
 import numpy as np
 from scipy import ndimage
 
+VERSION = 2
+"""Of the model inputs that reading and preprocessing make (2: grey levels harmonised). Bumped whenever a
+change alters them: cached views and trained weights record it, and weights trained on other inputs are
+refused rather than fed inputs they never saw."""
 MASK_SIDE = 256
 EDGE_STRIP = 0.02
 """Width of the strip along the left and right image edges, as a fraction of the width, where the breast

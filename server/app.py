@@ -48,9 +48,11 @@ from client.app import WEIGHTS, absolute_path, initial_model, pack_weights, pars
 from client.clipping import CENTRAL_DP
 from client.device import set_threads
 from client.site_stats import ALL, MODEL, SITE, site_name, to_json
+from client.train import model_metadata
 from common.atomic import write_atomic
 from common.checkpoint import latest_checkpoint, load_checkpoint, mark_latest, save_checkpoint
 from common.config import Config
+from common.preprocess import VERSION as INPUTS_VERSION
 from server.attendance import Attendance
 from server.evaluation import (
     SITE_GROUP,
@@ -242,6 +244,7 @@ def _start(settings: Settings, run_config: Mapping[str, Any], config_text: str, 
     changed = sorted(k for k in {*meta["run-config"], *run_config}
                      if k not in _RESUMABLE and meta["run-config"].get(k) != run_config.get(k))
     changed += ["the config file's content"] * (meta["fedmammo-config"] != config_text)
+    changed += ["the preprocessing version"] * (meta.get("inputs", 1) != INPUTS_VERSION)
     if changed:
         raise ValueError(f"{latest}: the run was started with different settings ({', '.join(changed)}); "
                          "resume it with the same ones, or choose another out-dir")
@@ -262,7 +265,7 @@ def _checkpoint_writer(settings: Settings, run_config: Mapping[str, Any], config
     tensors = global_weights(state) | strategy_state(strategy, [WEIGHTS])
     path = settings.out / "checkpoints" / f"round-{state.round:04d}.safetensors"
     metadata = {"round": state.round, "run-token": state.token, "history": list(state.history),
-                "run-config": dict(run_config), "fedmammo-config": config_text}
+                "run-config": dict(run_config), "fedmammo-config": config_text, "inputs": INPUTS_VERSION}
     metrics = _metrics_csv(state.history)
 
     def write() -> None:
@@ -490,8 +493,7 @@ def main(grid: Grid, context: Context) -> None:
     write_atomic(settings.out / "metrics.csv", _metrics_csv(state.history))
     if settings.batchnorm == "average":  # with FedBN there is no one global model
         save_checkpoint(settings.out / "global.safetensors", {**state.template, **global_weights(state)},
-                        {"config": json.loads(json.dumps(dataclasses.asdict(config))), "round": state.round,
-                         "run-token": state.token})
+                        {**model_metadata(config), "round": state.round, "run-token": state.token})
     folder = write_report(settings.out / "report", {
         "run": {"token": state.token, "rounds": state.round, "strategy": settings.strategy,
                 "batchnorm": settings.batchnorm, "run-config": dict(context.run_config),

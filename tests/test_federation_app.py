@@ -13,6 +13,7 @@ import torch
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum
 from test_federation_support import predictions, run_in_process, truth_and
 
+import server.app
 from client.app import WEIGHTS, initial_model, pack_weights, unpack_weights
 from client.site_stats import LOCAL_ONLY, MODEL
 from client.train import config_of, load_weights
@@ -92,7 +93,7 @@ def test_nothing_per_case_reaches_the_server(finished):
         assert exam.encode() not in path.read_bytes(), path
 
 
-def test_resume_continues_exactly_as_an_uninterrupted_run(sites, config, tmp_path):
+def test_resume_continues_exactly_as_an_uninterrupted_run(sites, config, tmp_path, monkeypatch):
     """FedAdam (server state: Adam moments) with FedBN (site state: BatchNorm layers)."""
     run = {"config": config, "strategy": "fedadam", "server-lr": 0.01, "batchnorm": "local", "eval-every": 0,
            "local-steps": 1}
@@ -103,6 +104,11 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(sites, config, tmp_pat
     with pytest.raises(ValueError, match=r"different settings.*strategy"):
         run_in_process(sites, {**run, "strategy": "fedavg", "num-server-rounds": 2, "resume": True,
                                "out-dir": str(tmp_path / "stopped")})
+    with monkeypatch.context() as m:  # a fedmammo whose preprocessing makes other inputs
+        m.setattr(server.app, "INPUTS_VERSION", server.app.INPUTS_VERSION + 1)
+        with pytest.raises(ValueError, match=r"different settings.*the preprocessing version"):
+            run_in_process(sites, {**run, "num-server-rounds": 2, "resume": True,
+                                   "out-dir": str(tmp_path / "stopped")})
     run_in_process(sites, {**run, "num-server-rounds": 2, "resume": True,
                            "out-dir": str(tmp_path / "stopped")})
 

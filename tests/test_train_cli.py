@@ -12,9 +12,10 @@ from test_train import make_site
 
 import client.predict
 import client.train
-from common.checkpoint import load_checkpoint
+from common.checkpoint import load_checkpoint, save_checkpoint
 from common.cli import main
 from common.exams import Rejection
+from common.preprocess import VERSION as INPUTS_VERSION
 
 CONFIG = """
 [data]
@@ -90,6 +91,13 @@ def test_train_then_predict(site_dir, tmp_path, capsys) -> None:
     damaged.write_bytes(bytes(data))
     assert main(["predict", site_dir, "--weights", str(damaged)]) == 2
     assert "checksum mismatch" in capsys.readouterr().err
+    # weights from before grey-level harmonisation (no version recorded): their inputs no longer exist
+    older = tmp_path / "older.safetensors"
+    best = load_checkpoint(out / "best.safetensors")
+    save_checkpoint(older, best.tensors, {k: v for k, v in best.metadata.items() if k != "inputs"})
+    assert main(["predict", site_dir, "--weights", str(older)]) == 2
+    expected = f"preprocessing version 1, but this fedmammo makes version {INPUTS_VERSION}"
+    assert expected in capsys.readouterr().err
 
 
 def test_killed_run_resumes_to_the_same_weights(site_dir, tmp_path, monkeypatch, capsys) -> None:
