@@ -296,14 +296,17 @@ def flwr_run(home: Path, connection: str, run_config: Mapping[str, Any], *, app:
 
 
 def _follow(stream: IO[str], out: IO[str], echo: Callable[[str], None] | None) -> int | None:
-    run_id = None
+    run_id, echoed = None, None
     for raw in stream:
         line = _ANSI.sub("", raw)
         out.write(line)
         if run_id is None and (match := _STARTED.search(line)):
             run_id = int(match.group(1))
         if echo is not None and MARKER in line:
-            echo(line[line.index(MARKER) + len(MARKER):].strip())
+            message = line[line.index(MARKER) + len(MARKER):].strip()
+            if message != echoed:  # Flower streams each log record twice, in two handlers' formats
+                echo(message)
+            echoed = message
     return run_id
 
 

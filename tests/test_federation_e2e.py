@@ -39,7 +39,7 @@ def test_simulation_end_to_end(sites, config, tmp_path):
     assert outcome.ok, (outcome.status, outcome.details, outcome.log.read_text()[-3000:])
     assert latest_checkpoint(out / "checkpoints").name == "round-0002.safetensors"
     assert_report_matches_the_sites_files(out, 2)
-    assert any(line.startswith("round 1 evaluate all:") for line in lines)  # the console's progress
+    assert sum(line.startswith("round 1 evaluate all:") for line in lines) == 1  # the console's progress
     assert lines[-1] == f"report: {out / 'report' / 'report.md'}"
 
 
