@@ -38,7 +38,7 @@ from client.train import train_epochs  # noqa: E402
 from common.cli import main as fedmammo  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.stats import auc_ci, delong_test  # noqa: E402
-from server.app import BATCHNORM  # noqa: E402
+from server.app import BATCHNORM, SITE_WEIGHTING  # noqa: E402
 from server.evaluation import SITE_GROUP  # noqa: E402
 from server.launch import simulate  # noqa: E402
 
@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/fedmammo-study")
     parser.add_argument("--batchnorm", default="local", choices=BATCHNORM,
                         help="BatchNorm kept at each site (FedBN, the default), or averaged")
+    parser.add_argument("--site-weighting", default="examples", choices=SITE_WEIGHTING,
+                        help="sites weighted by training exams (FedAvg, the default), or equally")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -107,6 +109,7 @@ def main() -> None:
     worker.start()
     outcome = simulate(data, {"config": str(config_path), "num-server-rounds": config.train.epochs,
                               "local-epochs": 1, "baselines": True, "batchnorm": args.batchnorm,
+                              "site-weighting": args.site_weighting,
                               "round-timeout": 4 * 3600.0, "out-dir": str(federated)},
                        home=out / "flower", timeout_s=6 * 3600, echo=print)
     federated_s = time.perf_counter() - started
@@ -119,7 +122,7 @@ def main() -> None:
     height, width = config.data.image_size
     print(f"\n### Study-like setting: {len(sites)} sites, train {sizes} exams, {height}×{width} views, "
           f"{config.train.epochs} epochs (federated: {config.train.epochs} rounds × 1 local epoch, BatchNorm "
-          f"{args.batchnorm})\n")
+          f"{args.batchnorm}, sites weighted by {args.site_weighting})\n")
     print("| test set | n (malignant) | federated AUC (95% CI) | local-only AUC | p fed vs local-only "
           "| central AUC | p fed vs central | fed − central |")
     print("|---|---|---|---|---|---|---|---|")

@@ -45,7 +45,7 @@ from flwr.serverapp.strategy import (
 from torch import nn
 
 from client.app import WEIGHTS, absolute_path, initial_model, pack_weights, parse_config, unpack_weights
-from client.clipping import CENTRAL_DP
+from client.clipping import CENTRAL_DP, SITE_WEIGHT
 from client.device import set_threads
 from client.site_stats import ALL, MODEL, SITE, site_name, to_json
 from client.train import model_metadata
@@ -64,7 +64,7 @@ from server.evaluation import (
     pool_groups,
 )
 from server.launch import APP_DIR, MARKER
-from server.privacy import Ledger, privacy_report, settings_problems, weighting, wrap
+from server.privacy import Ledger, privacy_report, settings_problems, wrap
 from server.report import write_report
 from server.sanity import screen_updates
 from server.secagg import secure_round
@@ -86,6 +86,8 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
 """Run-config `strategy` → Flower's strategy; `server-lr` 0 keeps the strategy's own default."""
 BATCHNORM = ("average", "local")
 """BatchNorm layers averaged like every weight, or kept at each site (FedBN, Li et al. 2021)."""
+SITE_WEIGHTING = ("examples", "equal")
+"""Sites weighted in the mean by their training exams (FedAvg), or each the same whatever its size."""
 _STRATEGY_STATE = ("m_t", "v_t", "momentum_vector")
 """Strategy attributes carried from round to round (FedAdam's moments, FedAvgM's momentum)."""
 _STATE_PREFIX = "strategy::"
@@ -117,6 +119,7 @@ class Settings:
     trim_beta: float
     krum_malicious: int
     batchnorm: str
+    site_weighting: str
     min_nodes: int
     fraction_train: float
     round_timeout: float
@@ -159,6 +162,8 @@ class Settings:
         problems = [message for failed, message in (
             (s.strategy not in STRATEGIES, f"strategy {s.strategy!r} is not one of {', '.join(STRATEGIES)}"),
             (s.batchnorm not in BATCHNORM, f"batchnorm {s.batchnorm!r} is not one of {', '.join(BATCHNORM)}"),
+            (s.site_weighting not in SITE_WEIGHTING,
+             f"site-weighting {s.site_weighting!r} is not one of {', '.join(SITE_WEIGHTING)}"),
             (s.rounds < 1, "num-server-rounds must be at least 1"),
             (s.local_epochs < 1 and s.local_steps < 1, "local-epochs or local-steps must be at least 1"),
             (s.min_nodes < 1, "min-nodes must be at least 1"),
@@ -195,6 +200,13 @@ def exchanged_keys(model: nn.Module, batchnorm: str) -> list[str]:
                                                if batchnorm == "local" else ())
             local |= {f"{name}.{entry}" for entry in kept}
     return [k for k in model.state_dict() if k not in local]
+
+
+def weighting(settings: Settings) -> str:
+    """The train metric the strategy weights sites by: exams, unless the run asks for equal weights or
+    uses central DP (whose noise is calibrated to the plain mean of the clipped updates)."""
+    equal = settings.site_weighting == "equal" or settings.central_dp != "none"
+    return SITE_WEIGHT if equal else "num-examples"
 
 
 def make_strategy(settings: Settings, config: Config) -> Strategy:

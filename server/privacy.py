@@ -40,7 +40,6 @@ from flwr.serverapp.strategy import (
 )
 from opacus.accountants import RDPAccountant
 
-from client.clipping import SITE_WEIGHT
 from client.site_stats import ALL
 from common.config import Config
 
@@ -73,11 +72,6 @@ def settings_problems(settings: Settings) -> list[str]:
         (not 0 < s.dp_delta < 1, "dp-delta must be in (0, 1)"),
         (s.dp_clipped_count_stddev < 0, "dp-clipped-count-stddev must be >= 0"),
     ) if failed]
-
-
-def weighting(settings: Settings) -> str:
-    """The train metric the strategy weights sites by: equally under central DP, else by exams."""
-    return "num-examples" if settings.central_dp == "none" else SITE_WEIGHT
 
 
 def wrap(strategy: Strategy, settings: Settings, config: Config) -> Strategy:

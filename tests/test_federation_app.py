@@ -15,6 +15,7 @@ from test_federation_support import predictions, run_in_process, truth_and
 
 import server.app
 from client.app import WEIGHTS, initial_model, pack_weights, unpack_weights
+from client.clipping import SITE_WEIGHT
 from client.site_stats import LOCAL_ONLY, MODEL
 from client.train import config_of, load_weights
 from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -215,6 +216,17 @@ def test_settings_name_the_wrong_key(tmp_path):
         Settings.from_run_config({**good, "baselines": 1})
     with pytest.raises(ValueError, match="does not exist"):
         Settings.from_run_config({**good, "config": str(tmp_path / "missing.toml")})
+    with pytest.raises(ValueError, match="site-weighting 'size' is not one of examples, equal"):
+        Settings.from_run_config({**good, "site-weighting": "size"})
+    dp_ready = {**good, "dp-sampled-sites": 3, "batchnorm": "local"}  # what central DP asks for besides
+    by = {}
+    for weights in ("examples", "equal"):
+        for dp in ("none", "server-fixed"):
+            run = Settings.from_run_config({**dp_ready, "site-weighting": weights, "central-dp": dp})
+            strategy = make_strategy(run, Config())
+            by[weights, dp] = getattr(strategy, "strategy", strategy).weighted_by_key  # inside a DP wrapper
+    assert by == {("examples", "none"): "num-examples", ("equal", "none"): SITE_WEIGHT,
+                  ("examples", "server-fixed"): SITE_WEIGHT, ("equal", "server-fixed"): SITE_WEIGHT}
     with pytest.raises(ValueError, match="run config out-dir = 'runs/x': give an absolute path"):
         Settings.from_run_config({**good, "out-dir": "runs/x"})
     expected = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedavgm": FedAvgM,
