@@ -84,8 +84,8 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/fedmammo-study")
     parser.add_argument("--batchnorm", default="local", choices=BATCHNORM,
                         help="BatchNorm kept at each site (FedBN, the default), or averaged")
-    parser.add_argument("--site-weighting", default="examples", choices=SITE_WEIGHTING,
-                        help="sites weighted by training exams (FedAvg, the default), or equally")
+    parser.add_argument("--site-weighting", default="equal", choices=SITE_WEIGHTING,
+                        help="sites weighted equally (the default: run 8 in bench/RESULTS.md), or by exams")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
