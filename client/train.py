@@ -198,13 +198,14 @@ def flat_config(config: Config) -> dict[str, Any]:
             for key, value in values.items()}
 
 
-def _config_dict(config: Config) -> dict[str, Any]:
+def config_dict(config: Config) -> dict[str, Any]:
+    """The config as plain JSON values (tuples become lists), as checkpoints and reports store it."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 def model_metadata(config: Config) -> dict[str, Any]:
     """What a checkpoint of trained weights records of how they were made, for `config_of`."""
-    return {"config": _config_dict(config), "inputs": INPUTS_VERSION}
+    return {"config": config_dict(config), "inputs": INPUTS_VERSION}
 
 
 def config_of(checkpoint: Checkpoint, source: Path) -> Config:
@@ -339,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
         "prepare_seconds": prepared_s,
         "train_seconds": train_s,
         "run_seconds": time.perf_counter() - started,
-        "config": _config_dict(config),
+        "config": config_dict(config),
     }
     write_atomic(out / "metrics.json", json.dumps(report, indent=2) + "\n")
     print(f"best epoch {report['best_epoch']} of {config.train.epochs}; training took {train_s:.0f} s "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import random
 import secrets
 import time
@@ -48,7 +47,7 @@ from client.app import WEIGHTS, absolute_path, initial_model, pack_weights, pars
 from client.clipping import CENTRAL_DP, SITE_WEIGHT
 from client.device import set_threads
 from client.site_stats import ALL, MODEL, SITE, site_name, to_json
-from client.train import model_metadata
+from client.train import config_dict, model_metadata
 from common.atomic import write_atomic
 from common.checkpoint import latest_checkpoint, load_checkpoint, mark_latest, save_checkpoint
 from common.config import Config
@@ -509,7 +508,7 @@ def main(grid: Grid, context: Context) -> None:
     folder = write_report(settings.out / "report", {
         "run": {"token": state.token, "rounds": state.round, "strategy": settings.strategy,
                 "batchnorm": settings.batchnorm, "run-config": dict(context.run_config),
-                "config": json.loads(json.dumps(dataclasses.asdict(config)))},
+                "config": config_dict(config)},
         "sites": [{k: s[k] for k in ("site", "counts", "loss", "birads_accuracy", "skipped")}
                   for s in summaries],
         "evaluation": analysis,
