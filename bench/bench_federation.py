@@ -33,9 +33,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from test_federation_support import run_in_process  # noqa: E402
 
-from client.app import initial_model, site_folders  # noqa: E402
 from common.cli import main as fedmammo  # noqa: E402
 from common.config import load_config  # noqa: E402
+from common.model import initial_model  # noqa: E402
+from common.sites import site_folders  # noqa: E402
 from common.synth.generate import CohortSpec, generate  # noqa: E402
 from server.app import exchanged_keys  # noqa: E402
 from server.certs import make_certificates  # noqa: E402

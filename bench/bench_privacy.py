@@ -98,10 +98,11 @@ def _auc(args: argparse.Namespace) -> None:
 def _untrained(data: Path, config_text: str, out: Path) -> str:
     """The row of the initial model, before any round: a model that barely moves keeps its AUC, which is
     not 0.5 (random features and a random head still rank the lesions' looks, one way or the other)."""
-    from client.app import initial_model, site_folders
     from client.data import exam_tensors
     from client.evaluate import predict
     from client.prepare import prepare_site
+    from common.model import initial_model
+    from common.sites import site_folders
     from common.stats import auc_ci
 
     (out / "untrained.toml").write_text(config_text)

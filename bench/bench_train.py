@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from client.data import ExamTensors
-from client.device import resolve_runtime, seed_everything, set_threads
+from client.device import resolve_runtime
 from client.train import make_optimizer, train_epochs
 from common.config import Config
 from common.model import MultiTaskLoss, build_model
+from common.runtime import seed_everything, set_threads
 
 
 def synthetic_exams(n: int, size: tuple[int, int], seed: int = 0) -> ExamTensors:

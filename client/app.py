@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import functools
 import json
-import tomllib
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,7 +36,6 @@ from torch import nn
 
 from client.clipping import SITE_WEIGHT, clipping_mod
 from client.data import exam_tensors
-from client.device import seed_everything, set_threads
 from client.evaluate import evaluate as score_exams
 from client.evaluate import predict
 from client.prepare import PreparedSite, prepare_site
@@ -57,8 +55,10 @@ from client.site_stats import (
 from client.train import planned_steps, train_epochs
 from common.atomic import write_atomic
 from common.checkpoint import load_checkpoint, save_checkpoint
-from common.config import Config, config_from_dict
-from common.model import build_model
+from common.config import Config, parse_config
+from common.model import build_model, initial_model
+from common.runtime import seed_everything, set_threads
+from common.sites import absolute_path, site_folders
 
 app = ClientApp()
 WEIGHTS = "weights"
@@ -70,19 +70,6 @@ class Site:
     name: str
     data: Path
     out: Path
-
-
-def site_folders(root: Path) -> list[Path]:
-    """A simulation's sites: the subfolders of `root` holding a labels.csv, sorted by name."""
-    return sorted(p for p in Path(root).iterdir() if (p / "labels.csv").is_file())
-
-
-def absolute_path(config: Mapping[str, Any], key: str, where: str) -> Path:
-    """A folder setting: it must be absolute, as Flower's processes do not run in the user's folder."""
-    path = Path(str(config.get(key) or ""))
-    if not path.is_absolute():
-        raise ValueError(f"{where} {key} = {str(config.get(key, ''))!r}: give an absolute path")
-    return path
 
 
 def resolve_site(context: Context) -> Site:
@@ -98,12 +85,6 @@ def resolve_site(context: Context) -> Site:
                          f"{node['num-partitions']} SuperNodes")
     data = folders[int(node["partition-id"])]
     return Site(data.name, data, absolute_path(run, "out-dir", "run config") / "sites" / data.name)
-
-
-def initial_model(config: Config) -> nn.Module:
-    """The run's starting model, the same at the server and at every site (local-only baselines)."""
-    seed_everything(config.train.seed)
-    return build_model(config.model, config.data.bilateral)
 
 
 def pack_weights(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> ArrayRecord:
@@ -124,11 +105,6 @@ def unpack_weights(arrays: ArrayRecord, keys: Sequence[str], like: Mapping[str, 
                          f"hold {sum(sizes)} (config mismatch)")
     parts = flat.split(sizes)
     return {k: part.view(like[k].shape).to(like[k].dtype) for k, part in zip(keys, parts, strict=True)}
-
-
-def parse_config(text: str) -> Config:
-    """The federation's config, sent by the server as TOML text so that every site uses the same."""
-    return config_from_dict(tomllib.loads(text), "the federation's config")
 
 
 @functools.lru_cache(maxsize=8)  # simulation reuses its worker processes across rounds: read a site once

@@ -9,14 +9,15 @@ import sys
 from pathlib import Path
 
 from client.data import exam_tensors
-from client.device import resolve_runtime, set_threads
+from client.device import resolve_runtime
 from client.evaluate import metrics, predict
 from client.prepare import prepare_site
-from client.train import config_of, flat_config, load_weights
+from client.train import flat_config, load_weights
 from common.atomic import write_atomic
-from common.checkpoint import load_checkpoint
+from common.checkpoint import config_of, load_checkpoint
 from common.config import load_config
 from common.model import build_model
+from common.runtime import set_threads
 
 MUST_MATCH = ("data.image_size", "data.bilateral", "model.norm")
 """Settings a --config must share with the weights' own config."""

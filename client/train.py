@@ -26,23 +26,25 @@ from client.data import (
     exam_tensors,
     pos_weight,
 )
-from client.device import Runtime, resolve_runtime, seed_everything, set_threads
+from client.device import Runtime, resolve_runtime
 from client.evaluate import Metrics, evaluate
 from client.prepare import PreparedSite, prepare_site
 from common.atomic import write_atomic
 from common.checkpoint import (
     Checkpoint,
     CheckpointError,
+    config_of,
     latest_checkpoint,
     load_checkpoint,
     mark_latest,
+    model_metadata,
     optimizer_tensors,
     restore_optimizer,
     save_checkpoint,
 )
-from common.config import Config, TrainConfig, config_from_dict, load_config
+from common.config import Config, TrainConfig, config_dict, load_config
 from common.model import MultiTaskLoss, build_model
-from common.preprocess import VERSION as INPUTS_VERSION
+from common.runtime import seed_everything, set_threads
 
 if TYPE_CHECKING:  # opacus takes seconds to import: only DP-SGD runs pay for it
     from client.dp import PrivateSGD
@@ -196,29 +198,6 @@ def _proximal_anchors(
 def flat_config(config: Config) -> dict[str, Any]:
     return {f"{section}.{key}": value for section, values in dataclasses.asdict(config).items()
             for key, value in values.items()}
-
-
-def config_dict(config: Config) -> dict[str, Any]:
-    """The config as plain JSON values (tuples become lists), as checkpoints and reports store it."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def model_metadata(config: Config) -> dict[str, Any]:
-    """What a checkpoint of trained weights records of how they were made, for `config_of`."""
-    return {"config": config_dict(config), "inputs": INPUTS_VERSION}
-
-
-def config_of(checkpoint: Checkpoint, source: Path) -> Config:
-    """The config a checkpoint was trained with; weights trained on other inputs are refused."""
-    inputs = checkpoint.metadata.get("inputs", 1)  # version 1 did not record itself
-    if inputs != INPUTS_VERSION:
-        raise CheckpointError(f"{source}: trained on inputs of preprocessing version {inputs}, but this "
-                              f"fedmammo makes version {INPUTS_VERSION}; retrain, or use the fedmammo "
-                              "release that trained these weights")
-    try:
-        return config_from_dict(checkpoint.metadata["config"], f"{source} (stored config)")
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{source}: no stored config in the checkpoint metadata") from exc
 
 
 def load_weights(model: nn.Module, checkpoint: Checkpoint, source: Path) -> None:

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from common.atomic import write_atomic
+from common.config import Config, config_dict, config_from_dict
+from common.preprocess import VERSION as INPUTS_VERSION
 
 LATEST = "latest"
 OPTIMIZER_PREFIX = "optimizer::"
@@ -126,3 +128,21 @@ def restore_optimizer(
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"optimizer state does not fit this model: {exc}") from exc
+
+
+def model_metadata(config: Config) -> dict[str, Any]:
+    """What a checkpoint of trained weights records of how they were made, for `config_of`."""
+    return {"config": config_dict(config), "inputs": INPUTS_VERSION}
+
+
+def config_of(checkpoint: Checkpoint, source: Path) -> Config:
+    """The config a checkpoint was trained with; weights trained on other inputs are refused."""
+    inputs = checkpoint.metadata.get("inputs", 1)  # version 1 did not record itself
+    if inputs != INPUTS_VERSION:
+        raise CheckpointError(f"{source}: trained on inputs of preprocessing version {inputs}, but this "
+                              f"fedmammo makes version {INPUTS_VERSION}; retrain, or use the fedmammo "
+                              "release that trained these weights")
+    try:
+        return config_from_dict(checkpoint.metadata["config"], f"{source} (stored config)")
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{source}: no stored config in the checkpoint metadata") from exc

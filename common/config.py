@@ -7,6 +7,7 @@ and an unknown section or key is an error (a typo must not silently fall back to
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,3 +174,13 @@ def load_config(path: str | Path | None) -> Config:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"{path}: cannot read config: {exc}") from exc
     return config_from_dict(values, str(path))
+
+
+def parse_config(text: str) -> Config:
+    """The federation's config, sent by the server as TOML text so that every site uses the same."""
+    return config_from_dict(tomllib.loads(text), "the federation's config")
+
+
+def config_dict(config: Config) -> dict[str, Any]:
+    """The config as plain JSON values (tuples become lists), as checkpoints and reports store it."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import densenet121
 
-from common.config import ModelConfig
+from common.config import Config, ModelConfig
+from common.runtime import seed_everything
 
 BIRADS_CLASSES = (2, 3, 4, 5)
 """BI-RADS category of each output of the BI-RADS head."""
@@ -183,3 +184,9 @@ class MultiTaskLoss(nn.Module):
         if self.reduction == "none":
             return loss
         return loss.mean() if self.reduction == "mean" else loss.sum()
+
+
+def initial_model(config: Config) -> nn.Module:
+    """The run's starting model, the same at the server and at every site (local-only baselines)."""
+    seed_everything(config.train.seed)
+    return build_model(config.model, config.data.bilateral)

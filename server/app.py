@@ -43,16 +43,18 @@ from flwr.serverapp.strategy import (
 )
 from torch import nn
 
-from client.app import WEIGHTS, absolute_path, initial_model, pack_weights, parse_config, unpack_weights
+from client.app import WEIGHTS, pack_weights, unpack_weights
 from client.clipping import CENTRAL_DP, SITE_WEIGHT
-from client.device import set_threads
 from client.site_stats import ALL, MODEL, SITE, site_name, to_json
-from client.train import config_dict, model_metadata
 from common.atomic import write_atomic
-from common.checkpoint import latest_checkpoint, load_checkpoint, mark_latest, save_checkpoint
-from common.config import Config
+from common.checkpoint import latest_checkpoint, load_checkpoint, mark_latest, model_metadata, save_checkpoint
+from common.config import Config, config_dict, parse_config
+from common.model import initial_model
 from common.preprocess import VERSION as INPUTS_VERSION
+from common.runtime import set_threads
+from common.sites import absolute_path
 from server.attendance import Attendance
+from server.console import APP_DIR, MARKER
 from server.evaluation import (
     SITE_GROUP,
     common_raters,
@@ -62,7 +64,6 @@ from server.evaluation import (
     not_estimable,
     pool_groups,
 )
-from server.launch import APP_DIR, MARKER
 from server.privacy import Ledger, privacy_report, settings_problems, wrap
 from server.report import write_report
 from server.sanity import screen_updates

@@ -36,14 +36,11 @@ from typing import IO, Any
 
 import tomli_w
 
-from client.app import site_folders
 from common.cli import main as fedmammo
 from common.config import load_config
+from common.sites import site_folders
+from server.console import APP_DIR, MARKER
 
-APP_DIR = Path(__file__).resolve().parents[1]
-"""The Flower app (this project): `flwr run` packs its code and configs (`fab-include`), never data."""
-MARKER = "[fedmammo]"
-"""Prefix of the ServerApp's progress lines, the ones echoed to the console."""
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",

@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, Message
 from flwr.common import log
 
 from client.site_stats import site_name
-from server.launch import MARKER
+from server.console import MARKER
 
 
 def inspect_update(reply: Message, sent: Mapping[str, np.ndarray]) -> tuple[str | None, float]:

@@ -38,7 +38,7 @@ from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, comp
 
 from client.app import WEIGHTS
 from client.secagg import SECAGG_WEIGHT
-from server.launch import MARKER
+from server.console import MARKER
 
 if TYPE_CHECKING:
     from server.app import Settings

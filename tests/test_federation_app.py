@@ -14,13 +14,13 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx
 from test_federation_support import predictions, run_in_process, truth_and
 
 import server.app
-from client.app import WEIGHTS, initial_model, pack_weights, unpack_weights
+from client.app import WEIGHTS, pack_weights, unpack_weights
 from client.clipping import SITE_WEIGHT
 from client.site_stats import LOCAL_ONLY, MODEL
-from client.train import config_of, load_weights
-from common.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from client.train import load_weights
+from common.checkpoint import config_of, latest_checkpoint, load_checkpoint, save_checkpoint
 from common.config import Config
-from common.model import build_model
+from common.model import build_model, initial_model
 from common.stats import auc_ci, delong_test
 from common.stats.scores import parse_scores
 from server.app import RoundError, Settings, exchanged_keys, make_strategy

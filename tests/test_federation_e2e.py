@@ -10,9 +10,9 @@ import json
 import pytest
 from test_federation_support import predictions, truth_and
 
-from client.app import site_folders
 from client.site_stats import MODEL
 from common.checkpoint import latest_checkpoint
+from common.sites import site_folders
 from common.stats import auc_ci
 from server.certs import make_certificates
 from server.launch import flwr_run, simulate, superlink, supernode, write_connection

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
-from client.app import site_folders
+from common.sites import site_folders
 from common.synth.generate import CohortSpec, generate
 from server.app import app as server_app
 from server.launch import app_defaults

@@ -18,9 +18,10 @@ from flwr.app import Message, MessageType
 from test_federation_support import InProcessGrid, run_in_process
 
 import client.app
-from client.app import WEIGHTS, initial_model
+from client.app import WEIGHTS
 from client.site_stats import read_cases
 from common.config import load_config
+from common.model import initial_model
 from common.stats.scores import GRIDS
 from server.app import exchanged_keys
 

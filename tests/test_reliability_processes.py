@@ -28,10 +28,10 @@ import pytest
 import torch
 from test_federation_support import run_in_process
 
-from client.app import site_folders
 from client.prepare import prepare_site
 from common.checkpoint import latest_checkpoint, load_checkpoint
 from common.config import load_config
+from common.sites import site_folders
 from server.certs import make_certificates
 from server.launch import (
     LaunchError,

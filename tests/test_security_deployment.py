@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from client.app import site_folders
+from common.sites import site_folders
 from server.certs import make_certificates, make_site_key
 from server.launch import (
     APP_DIR,

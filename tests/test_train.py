@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from client.data import augment, batches, epoch_order, exam_tensors, pos_weight
-from client.device import resolve_runtime, seed_everything
+from client.device import resolve_runtime
 from client.evaluate import evaluate, predict
 from client.prepare import PreparedSite
 from client.train import scheduled_lr, train_epochs
 from common.config import Config
 from common.labels import ExamLabel
 from common.model import DualViewDenseNet
+from common.runtime import seed_everything
 
 SIZE = 64
 
