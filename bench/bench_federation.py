@@ -38,9 +38,9 @@ from common.config import load_config  # noqa: E402
 from common.model import initial_model  # noqa: E402
 from common.sites import site_folders  # noqa: E402
 from common.synth.generate import CohortSpec, generate  # noqa: E402
-from server.app import exchanged_keys  # noqa: E402
 from server.certs import make_certificates  # noqa: E402
 from server.launch import flwr_run, simulate, superlink, supernode, write_connection  # noqa: E402
+from server.state import exchanged_keys  # noqa: E402
 
 NOOP_PYPROJECT = """\
 [build-system]
@@ -122,7 +122,7 @@ PHASES = {
     "center: update screen (NaN/Inf, norms)": ("server.app", "screen_updates"),
     "center: FedAvg aggregation": ("flwr.serverapp.strategy.fedavg", "FedAvg.aggregate_train"),
     "center: checkpoint + metrics.csv (the copy; the write runs beside the next round)":
-        ("server.app", "_checkpoint_writer"),
+        ("server.app", "checkpoint_writer"),
     "site: model with the global weights (copy + load)": ("client.app", "_global_model"),
     "site: prepared site (cached in the process)": ("client.app", "_prepared"),
     "site: reply weights packed into one array": ("client.app", "pack_weights"),

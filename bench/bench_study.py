@@ -31,17 +31,17 @@ import numpy as np  # noqa: E402
 from client.data import exam_tensors  # noqa: E402
 from client.evaluate import predict  # noqa: E402
 from client.prepare import prepare_site  # noqa: E402
-from client.site_stats import LOCAL_ONLY, MODEL  # noqa: E402
 from client.train import train_epochs  # noqa: E402
 from common.cli import main as fedmammo  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.model import initial_model  # noqa: E402
+from common.protocol import LOCAL_ONLY, MODEL  # noqa: E402
 from common.runtime import set_threads  # noqa: E402
 from common.sites import site_folders  # noqa: E402
 from common.stats import auc_ci, delong_test  # noqa: E402
-from server.app import BATCHNORM, SITE_WEIGHTING  # noqa: E402
 from server.evaluation import SITE_GROUP  # noqa: E402
 from server.launch import simulate  # noqa: E402
+from server.settings import BATCHNORM, SITE_WEIGHTING  # noqa: E402
 
 
 def _central(sites: list[Path], config_path: Path, out: dict) -> None:

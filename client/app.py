@@ -8,9 +8,7 @@
 - query: the second exchange of the federated DeLong tests: given the pooled histograms, sums over the
   site's cases, read back from its prediction file.
 
-The weights travel as one flat float32 array with the list of their names (`pack_weights`): Flower
-moves every array of a message as a separate object, and DenseNet's 700-odd tensors took 15× as long over
-TLS as one array of the same bytes (140–210 s against 10–15 s an exchange with 3 sites on loopback).
+Messages and replies are built and read by `common.protocol`, the one place that knows the wire format.
 Weights the server does not send stay at the site (the BatchNorm layers with FedBN, BatchNorm's step
 counters always), kept per run and round in the site's output folder so that a resumed run finds them.
 A site's data folder, output folder and name come from its SuperNode's node config (`data-path`,
@@ -25,44 +23,48 @@ import dataclasses
 import functools
 import json
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from client.clipping import SITE_WEIGHT, clipping_mod
+from client.clipping import clipping_mod
 from client.data import exam_tensors
 from client.evaluate import evaluate as score_exams
 from client.evaluate import predict
 from client.prepare import PreparedSite, prepare_site
 from client.redact import redact
 from client.secagg import secagg_mod
-from client.site_stats import (
-    LOCAL_ONLY,
-    MODEL,
-    SITE,
-    cases_csv,
-    histograms,
-    placement_sums,
-    read_cases,
-    site_counts,
-    to_json,
-)
+from client.site_stats import cases_csv, histograms, placement_sums, read_cases, site_counts
 from client.train import planned_steps, train_epochs
 from common.atomic import write_atomic
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import Config, parse_config
 from common.model import build_model, initial_model
+from common.protocol import (
+    ARRAYS,
+    LOCAL_ONLY,
+    MODEL,
+    WEIGHTS,
+    EvaluateInstruction,
+    QueryInstruction,
+    RunInstruction,
+    TrainInstruction,
+    TrainReport,
+    evaluate_reply,
+    instruction,
+    pack_weights,
+    query_reply,
+    train_reply,
+    unpack_weights,
+)
 from common.runtime import seed_everything, set_threads
 from common.sites import absolute_path, site_folders
 
 app = ClientApp()
-WEIGHTS = "weights"
-"""The one Array of a message's ArrayRecord; the config's `weight-keys` names its parts, in order."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,26 +89,6 @@ def resolve_site(context: Context) -> Site:
     return Site(data.name, data, absolute_path(run, "out-dir", "run config") / "sites" / data.name)
 
 
-def pack_weights(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> ArrayRecord:
-    """The weights named `keys`, flattened into one float32 Array (see the module docstring for why)."""
-    flat = torch.cat([state[k].detach().reshape(-1).float().cpu() for k in keys])
-    return ArrayRecord({WEIGHTS: Array(flat.numpy())})
-
-
-def unpack_weights(arrays: ArrayRecord, keys: Sequence[str], like: Mapping[str, torch.Tensor]
-                   ) -> dict[str, torch.Tensor]:
-    """Inverse of `pack_weights`: the named tensors, shaped and typed like those of `like`."""
-    if unknown := [k for k in keys if k not in like]:
-        raise ValueError(f"the global weights do not fit this model (config mismatch): {unknown[:3]}")
-    flat = torch.from_numpy(arrays[WEIGHTS].numpy())
-    sizes = [like[k].numel() for k in keys]
-    if sum(sizes) != flat.numel():
-        raise ValueError(f"the global weights hold {flat.numel()} values; this model's {len(keys)} tensors "
-                         f"hold {sum(sizes)} (config mismatch)")
-    parts = flat.split(sizes)
-    return {k: part.view(like[k].shape).to(like[k].dtype) for k, part in zip(keys, parts, strict=True)}
-
-
 @functools.lru_cache(maxsize=8)  # simulation reuses its worker processes across rounds: read a site once
 def _prepared(data: Path, config_toml: str, cache: Path) -> PreparedSite:
     return prepare_site(data, parse_config(config_toml), cache_dir=cache, progress=False)
@@ -114,36 +96,28 @@ def _prepared(data: Path, config_toml: str, cache: Path) -> PreparedSite:
 
 @dataclasses.dataclass
 class _Job:
-    """One message's site, config and settings, and this run's folder at the site."""
+    """One message's site, typed instruction and config, and this run's folder at the site."""
 
     site: Site
+    task: RunInstruction
     config: Config
-    settings: dict[str, Any]
     folder: Path
 
     @classmethod
-    def of(cls, msg: Message, context: Context) -> _Job:
+    def of(cls, msg: Message, context: Context, kind: type[RunInstruction]) -> _Job:
         site = resolve_site(context)
-        settings = dict(msg.content["config"])
-        config = parse_config(str(settings["fedmammo-config"]))
+        task = instruction(msg, kind)
+        config = parse_config(task.fedmammo_config)
         set_threads(config.train.num_threads)
-        return cls(site, config, settings, site.out / "runs" / str(settings["run-token"]))
-
-    @property
-    def keys(self) -> list[str]:
-        return list(self.settings["weight-keys"])
+        return cls(site, task, config, site.out / "runs" / task.run_token)
 
     @property
     def round(self) -> int:
-        return int(self.settings["server-round"])
-
-    @property
-    def min_count(self) -> int:
-        return int(self.settings.get("stats-min-count", 1))
+        return self.task.server_round
 
     def prepared(self) -> PreparedSite:
         cache = Path(self.config.data.cache_dir or self.site.out / "cache")
-        return _prepared(self.site.data, str(self.settings["fedmammo-config"]), cache)
+        return _prepared(self.site.data, self.task.fedmammo_config, cache)
 
     def seed(self, server_round: int) -> torch.Generator:
         return seed_everything(self.config.train.seed, server_round, zlib.crc32(self.site.name.encode()))
@@ -180,55 +154,51 @@ def _model_template(config_toml: str) -> nn.Module:
 
 def _global_model(msg: Message, job: _Job, last_round: int) -> nn.Module:
     """The model with the global weights, and this site's own state for what the server does not send."""
-    model = copy.deepcopy(_model_template(str(job.settings["fedmammo-config"])))
+    model = copy.deepcopy(_model_template(job.task.fedmammo_config))
     state = model.state_dict()
     kept = [p for p in sorted(job.folder.glob("local-state/round-*.safetensors"))
             if int(p.stem.removeprefix("round-")) <= last_round]
     local = load_checkpoint(kept[-1]).tensors if kept else {}
-    model.load_state_dict({**state, **local, **unpack_weights(msg.content["arrays"], job.keys, state)})
+    sent = unpack_weights(msg.content[ARRAYS], job.task.weight_keys, state)
+    model.load_state_dict({**state, **local, **sent})
     return model
 
 
 @app.train(mods=[secagg_mod(WEIGHTS), clipping_mod])
 @_named
 def train(msg: Message, context: Context) -> Message:
-    job = _Job.of(msg, context)
+    job = _Job.of(msg, context, TrainInstruction)
+    task: TrainInstruction = job.task  # type: ignore[assignment]
     data = exam_tensors([job.prepared()], "train")
     model = _global_model(msg, job, job.round - 1)
-    mu = float(job.settings.get("proximal-mu", 0.0))
-    epochs, steps = int(job.settings["local-epochs"]), int(job.settings["local-steps"]) or None
+    epochs, steps = task.local_epochs, task.local_steps or None
     private = None
     if job.config.privacy.dp_sgd:  # raises BudgetSpent, and the site sits the round out, once it is spent
         from client.dp import PrivateSGD  # here: opacus takes seconds to import, paid by every message
 
         private = PrivateSGD.for_round(job.folder, job.round, job.config, len(data),
                                        planned_steps(len(data), job.config.train.batch_size, epochs, steps),
-                                       int(job.settings["num-server-rounds"]))
+                                       task.num_server_rounds)
     per_round = 1 if steps else epochs  # the round's place on the learning-rate schedule
-    rounds = int(job.settings["num-server-rounds"])
     stats = train_epochs(model, data, job.config, epochs=epochs, steps=steps, generator=job.seed(job.round),
                          global_weights={k: v.detach().clone() for k, v in model.named_parameters()},
-                         mu=mu, progress=False, private=private,
-                         position=((job.round - 1) * per_round, rounds * per_round))
+                         mu=task.proximal_mu, progress=False, private=private,
+                         position=((job.round - 1) * per_round, task.num_server_rounds * per_round))
     state = model.state_dict()
-    if kept := {k: v for k, v in state.items() if k not in set(job.keys)}:
+    if kept := {k: v for k, v in state.items() if k not in set(task.weight_keys)}:
         save_checkpoint(job.folder / "local-state" / f"round-{job.round:04d}.safetensors", kept,
                         {"site": job.site.name, "round": job.round})
     if private is not None:
         private.save(job.folder, job.round)
-    return Message(RecordDict({
-        "arrays": pack_weights(state, job.keys),
-        "metrics": MetricRecord({"num-examples": len(data), "loss": stats.loss, "steps": stats.steps,
-                                 "seconds": stats.seconds, SITE_WEIGHT: 1.0,
-                                 **(private.metrics() if private else {})}),
-        SITE: ConfigRecord({"name": job.site.name}),
-    }), reply_to=msg)
+    report = TrainReport(num_examples=len(data), loss=stats.loss, steps=stats.steps, seconds=stats.seconds,
+                         extra=private.metrics() if private else {})
+    return train_reply(msg, job.site.name, pack_weights(state, task.weight_keys), report)
 
 
-def _local_only_model(job: _Job) -> nn.Module:
+def _local_only_model(job: _Job, task: EvaluateInstruction) -> nn.Module:
     """The site's baseline: the run's initial model trained on this site's data alone, for as long as a
     site trains in the whole federated run. Kept in the run folder, so it is trained once."""
-    budget = {"epochs": int(job.settings["baseline-epochs"]), "steps": int(job.settings["baseline-steps"])}
+    budget = {"epochs": task.baseline_epochs, "steps": task.baseline_steps}
     path = job.folder / "local-only.safetensors"
     model = initial_model(job.config)
     if path.is_file() and (stored := load_checkpoint(path)).metadata.get("budget") == budget:
@@ -243,13 +213,14 @@ def _local_only_model(job: _Job) -> nn.Module:
 @app.evaluate()
 @_named
 def evaluate(msg: Message, context: Context) -> Message:
-    job = _Job.of(msg, context)
+    job = _Job.of(msg, context, EvaluateInstruction)
+    task: EvaluateInstruction = job.task  # type: ignore[assignment]
     prepared = job.prepared()
     test = exam_tensors([prepared], "test")
     metrics, predictions = score_exams(_global_model(msg, job, job.round), test, job.config)
     scores = {MODEL: predictions.score}
-    if int(job.settings.get("baseline-epochs", 0)) or int(job.settings.get("baseline-steps", 0)):
-        scores[LOCAL_ONLY] = predict(_local_only_model(job), test, job.config).score
+    if task.baseline_epochs or task.baseline_steps:
+        scores[LOCAL_ONLY] = predict(_local_only_model(job, task), test, job.config).score
     write_atomic(job.predictions(), cases_csv(prepared.split("test").labels, predictions.birads, scores))
     cases = read_cases(job.predictions(), job.config.train.threshold)
     summary = {
@@ -259,20 +230,17 @@ def evaluate(msg: Message, context: Context) -> Message:
         "counts": site_counts(prepared.labels),
         "raters": {name: {"kind": r.kind, "threshold": r.threshold} for name, r in cases.raters.items()},
         "skipped": cases.skipped,
-        "groups": histograms(cases, job.min_count),
+        "groups": histograms(cases, task.stats_min_count),
     }
-    return Message(RecordDict({
-        "metrics": MetricRecord({"num-examples": len(test), "loss": metrics.loss}),
-        SITE: ConfigRecord({"name": job.site.name, "summary": to_json(summary)}),
-    }), reply_to=msg)
+    return evaluate_reply(msg, job.site.name, len(test), metrics.loss, summary)
 
 
 @app.query()
 @_named
 def query(msg: Message, context: Context) -> Message:
     """Exchange 2 of the federated DeLong tests: the pooled histograms in, placement sums out."""
-    job = _Job.of(msg, context)
+    job = _Job.of(msg, context, QueryInstruction)
+    task: QueryInstruction = job.task  # type: ignore[assignment]
     cases = read_cases(job.predictions(), job.config.train.threshold)
-    sums = placement_sums(cases, json.loads(str(job.settings["pooled"])), job.min_count)
-    return Message(RecordDict({SITE: ConfigRecord({"name": job.site.name, "sums": to_json(sums)})}),
-                   reply_to=msg)
+    sums = placement_sums(cases, json.loads(task.pooled), task.stats_min_count)
+    return query_reply(msg, job.site.name, sums)

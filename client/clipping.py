@@ -8,15 +8,12 @@ from flwr.app import Context, Message
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
-CENTRAL_DP = "central-dp"
-"""The train config's key naming the server's central DP mode."""
-SITE_WEIGHT = "site-weight"
-"""The train metric (1 at every site) by which the server weights the sites under central DP: the noise is
-calibrated to the plain mean of the clipped updates, not to a mean weighted by exams."""
+from common.protocol import CENTRAL_DP, CONFIG
+
 _MODS = {"client-fixed": fixedclipping_mod, "client-adaptive": adaptiveclipping_mod}
 
 
 def clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower's fixed or adaptive clipping mod when the server asks for client-side clipping; else nothing."""
-    mod = _MODS.get(str(msg.content["config"].get(CENTRAL_DP, "none")))
+    mod = _MODS.get(str(msg.content[CONFIG].get(CENTRAL_DP, "none")))
     return mod(msg, context, call_next) if mod else call_next(msg, context)

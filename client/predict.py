@@ -12,9 +12,9 @@ from client.data import exam_tensors
 from client.device import resolve_runtime
 from client.evaluate import metrics, predict
 from client.prepare import prepare_site
-from client.train import flat_config, load_weights
+from client.train import load_weights
 from common.atomic import write_atomic
-from common.checkpoint import config_of, load_checkpoint
+from common.checkpoint import config_of, flat_config, load_checkpoint
 from common.config import load_config
 from common.model import build_model
 from common.runtime import set_threads

@@ -22,10 +22,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
-from client.site_stats import site_name
-
-SECAGG_WEIGHT = "secagg-weight"
-"""The train config's key naming the train metric by which SecAgg+ weights the sites."""
+from common.protocol import ARRAYS, CONFIG, METRICS, SECAGG_WEIGHT, SITE, site_name
 
 
 def secagg_mod(weights: str) -> Mod:
@@ -45,13 +42,13 @@ def _as_train(weights: str, call_next: ClientAppCallable) -> Callable[[Message, 
         (sent,) = content.array_records["fitins.parameters"].values()
         config = content.config_records["fitins.config"]
         global_weights = sent.numpy()
-        msg.content = RecordDict({"arrays": ArrayRecord({weights: Array(global_weights)}), "config": config})
+        msg.content = RecordDict({ARRAYS: ArrayRecord({weights: Array(global_weights)}), CONFIG: config})
         reply = call_next(msg, context)
-        trained = reply.content["arrays"][weights].numpy()
-        metrics = reply.content["metrics"]
+        trained = reply.content[ARRAYS][weights].numpy()
+        metrics = reply.content[METRICS]
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([trained - global_weights]),
                         int(metrics[str(config[SECAGG_WEIGHT])]),
-                        {**metrics, "site": site_name(reply)})
+                        {**metrics, SITE: site_name(reply)})
         return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
     return fit

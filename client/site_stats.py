@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,21 +20,16 @@ import numpy as np
 
 from client.redact import redact
 from common.labels import ExamLabel
+from common.protocol import ALL, LOCAL_ONLY, MODEL
 from common.stats import GRIDS, StatsInputError, pool_histograms, site_histograms, site_placement_sums
 from common.stats.analysis import subgroup_labels, subgroup_masks
 from common.stats.scores import ScoreKind, default_threshold, parse_scores
 
 if TYPE_CHECKING:
-    from flwr.app import Message
+    pass
 
-MODEL, LOCAL_ONLY = "model", "local-only"
-"""Rater names of the global model's scores and of the site's own model, trained on its data alone."""
-ALL = "all"
-"""The group of all cases; subgroups are named COLUMN=VALUE (density=dense, symptoms=symptomatic)."""
 CASE_COLUMNS = ("exam_id", "malignant", "density", "symptomatic", "model-birads")
 """Prediction-file columns that are not raters; the columns after them are raters' scores."""
-SITE = "site"
-"""The reply record that names the site (`name`, from its node config) and holds what it sends."""
 _COUNTED = ("exams", "malignant", "dense", "symptomatic")
 _log = logging.getLogger(__name__)
 """The site's own log: details that must not reach the center."""
@@ -65,11 +59,6 @@ class Cases:
 
     def kinds(self, raters: Sequence[str]) -> dict[str, str]:
         return {r: self.raters[r].kind for r in raters}
-
-
-def site_name(reply: Message) -> str:
-    """The name of the site that sent a reply (train, evaluate or query)."""
-    return str(reply.content[SITE]["name"])
 
 
 def cases_csv(labels: Sequence[ExamLabel], birads: np.ndarray, scores: Mapping[str, np.ndarray]) -> str:
@@ -155,8 +144,3 @@ def placement_sums(cases: Cases, pooled: Mapping[str, Mapping[str, Any]], min_co
     except StatsInputError:
         own_sums = None
     return {"pooled": sums, "own": own_sums}
-
-
-def to_json(value: Any) -> str:
-    """JSON with numpy arrays and numbers as lists and Python numbers (the statistics return numpy)."""
-    return json.dumps(value, default=lambda o: o.tolist() if isinstance(o, np.ndarray | np.generic) else o)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -34,12 +33,14 @@ from common.checkpoint import (
     Checkpoint,
     CheckpointError,
     config_of,
+    flat_config,
     latest_checkpoint,
     load_checkpoint,
     mark_latest,
     model_metadata,
     optimizer_tensors,
     restore_optimizer,
+    resume_problems,
     save_checkpoint,
 )
 from common.config import Config, TrainConfig, config_dict, load_config
@@ -51,9 +52,6 @@ if TYPE_CHECKING:  # opacus takes seconds to import: only DP-SGD runs pay for it
 
 LOG_EVERY = 10
 """Steps between progress-bar loss updates (each one waits for the device)."""
-# Settings that may change when a run is resumed: they do not change what is computed.
-_RESUMABLE_CHANGES = {"train.epochs", "train.num_threads", "train.device", "data.workers", "data.cache_dir",
-                      "data.decode_timeout_s"}
 
 
 @dataclass
@@ -195,11 +193,6 @@ def _proximal_anchors(
 # --- fedmammo train ---------------------------------------------------------------------------------------
 
 
-def flat_config(config: Config) -> dict[str, Any]:
-    return {f"{section}.{key}": value for section, values in dataclasses.asdict(config).items()
-            for key, value in values.items()}
-
-
 def load_weights(model: nn.Module, checkpoint: Checkpoint, source: Path) -> None:
     try:
         model.load_state_dict(checkpoint.model_state())
@@ -234,11 +227,10 @@ def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, confi
         print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch", file=sys.stderr)
         return {"epoch": 0, "history": [], "best": None}
     checkpoint = load_checkpoint(path)
-    stored = flat_config(config_of(checkpoint, path))
-    changed = [f"{k} = {stored[k]!r} (now {v!r})" for k, v in flat_config(config).items()
-               if k not in _RESUMABLE_CHANGES and stored.get(k) != v]
-    if changed:
-        raise CheckpointError(f"{path}: trained with {'; '.join(changed)}; "
+    problems = resume_problems(flat_config(config_of(checkpoint, path)), flat_config(config),
+                               length="train.epochs", config=config)
+    if problems:
+        raise CheckpointError(f"{path}: cannot resume exactly: trained with {'; '.join(problems)}; "
                               "use the same config or a new --out")
     load_weights(model, checkpoint, path)
     restore_optimizer(optimizer, checkpoint, checkpoint.metadata["optimizer"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,3 +146,40 @@ def config_of(checkpoint: Checkpoint, source: Path) -> Config:
         return config_from_dict(checkpoint.metadata["config"], f"{source} (stored config)")
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{source}: no stored config in the checkpoint metadata") from exc
+
+
+RUNTIME_SETTINGS = frozenset({"train.num_threads", "train.device", "data.workers", "data.cache_dir",
+                              "data.decode_timeout_s"})
+"""Config settings that change how fast, or where, the weights are computed, not what they are."""
+
+
+def flat_config(config: Config) -> dict[str, Any]:
+    """The config as `section.key` → value."""
+    return {f"{section}.{key}": value for section, values in config_dict(config).items()
+            for key, value in values.items()}
+
+
+def length_dependence(config: Config) -> str | None:
+    """Why the run's planned length changes what its first epochs or rounds compute, or None."""
+    if config.train.lr_schedule != "constant":
+        return (f"the {config.train.lr_schedule} learning-rate schedule spans the whole run: its length sets "
+                "every epoch's learning rate")
+    if config.privacy.dp_sgd and config.privacy.noise_multiplier == 0:
+        return "DP-SGD's noise is calibrated to spend target_epsilon over the planned length"
+    return None
+
+
+def resume_problems(stored: Mapping[str, Any], current: Mapping[str, Any], *, length: str, config: Config,
+                    free: Iterable[str] = RUNTIME_SETTINGS) -> list[str]:
+    """The one rule of every resume (`fedmammo train --resume`, a federated run's `resume`): a run continues
+    only where it ends exactly as an uninterrupted run with the current settings would. `stored` and
+    `current` are the settings by name; those in `free` may change. `length`, the run's planned length
+    (`train.epochs`, `num-server-rounds`), may change only where nothing computed so far depends on it
+    (`length_dependence`): a run with a constant learning rate can be extended, a cosine one cannot.
+    Returns each refused change with its reason (empty: the resume is exact)."""
+    free = set(free)
+    problems = [f"{k} = {stored.get(k)!r} (now {current.get(k)!r})" for k in sorted({*stored, *current})
+                if k not in free and k != length and stored.get(k) != current.get(k)]
+    if stored.get(length) != current.get(length) and (reason := length_dependence(config)):
+        problems.append(f"{length} = {stored.get(length)!r} (now {current.get(length)!r}): {reason}")
+    return problems

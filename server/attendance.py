@@ -16,7 +16,7 @@ from typing import Any
 
 from flwr.app import Message
 
-from client.site_stats import ALL, site_name
+from common.protocol import ALL, site_name
 
 
 class Attendance:

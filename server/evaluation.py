@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from client.site_stats import ALL, MODEL, to_json
+from common.protocol import ALL, MODEL, to_json
 from common.stats import (
     GRIDS,
     RaterScores,
@@ -32,13 +32,6 @@ from common.stats import (
 
 SITE_GROUP = "site={}"
 _MCNEMAR = ("sensitivity", "specificity", "accuracy")
-
-
-def decode(text: str, what: str, site: str) -> dict[str, Any]:
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise StatsInputError(f"site {site}: unreadable {what}: {exc}") from None
 
 
 def common_raters(summaries: Sequence[Mapping[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:

@@ -6,7 +6,7 @@ Modes (run config `central-dp`): `server-fixed` / `server-adaptive` clip each si
 so the server never holds an unclipped update. Each round Gaussian noise of standard deviation
 z·C/m is added to the mean of the m sampled sites' clipped updates (z: `dp-noise-multiplier`, C: the
 clipping norm, m: `dp-sampled-sites`), which must then be the plain mean: the sites are weighted equally
-(`client.clipping.SITE_WEIGHT`), not by their exams.
+(`common.protocol.SITE_WEIGHT`), not by their exams.
 
 The budget is computed by Opacus's RDP accountant, one Gaussian release per round, with:
 - no amplification by sampling: Flower samples a fixed number of sites without replacement, which the
@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from logging import INFO
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flwr.common import log
 from flwr.serverapp.strategy import (
@@ -40,11 +40,9 @@ from flwr.serverapp.strategy import (
 )
 from opacus.accountants import RDPAccountant
 
-from client.site_stats import ALL
 from common.config import Config
-
-if TYPE_CHECKING:
-    from server.app import Settings
+from common.protocol import ALL
+from server.settings import Settings
 
 WRAPPERS = {
     "server-fixed": DifferentialPrivacyServerSideFixedClipping,
@@ -53,43 +51,16 @@ WRAPPERS = {
     "client-adaptive": DifferentialPrivacyClientSideAdaptiveClipping,
 }
 """Run-config `central-dp` → Flower's wrapper; `none` (the default) wraps nothing."""
-MODES = ("none", *WRAPPERS)
 ACCOUNTED = ("fedavg", "fedprox")
 """Strategies whose aggregate is the mean that the noise is calibrated to: ε is stated only for them."""
 
 
-def settings_problems(settings: Settings) -> list[str]:
-    """What is wrong with the run config's central DP keys (empty when fine)."""
+def wrap(strategy: Strategy, settings: Settings) -> Strategy:
+    """The run's strategy in Flower's DP wrapper for `central-dp` (unchanged for `none`). What would void DP
+    was refused with the settings (`server.settings`)."""
     s = settings
-    if s.central_dp not in MODES:
-        return [f"central-dp {s.central_dp!r} is not one of {', '.join(MODES)}"]
-    if s.central_dp == "none":
-        return []
-    return [message for failed, message in (
-        (s.dp_noise_multiplier <= 0, "dp-noise-multiplier must be > 0 with central DP"),
-        (s.dp_clipping_norm <= 0, "dp-clipping-norm must be > 0 with central DP"),
-        (s.dp_sampled_sites < 1, "dp-sampled-sites must be the number of sites sampled each round"),
-        (not 0 < s.dp_delta < 1, "dp-delta must be in (0, 1)"),
-        (s.dp_clipped_count_stddev < 0, "dp-clipped-count-stddev must be >= 0"),
-    ) if failed]
-
-
-def wrap(strategy: Strategy, settings: Settings, config: Config) -> Strategy:
-    """The run's strategy in Flower's DP wrapper for `central-dp` (unchanged for `none`); refuses settings
-    that would void either kind of DP."""
-    s = settings
-    if config.privacy.dp_sgd and s.strategy == "fedprox" and s.proximal_mu > 0:
-        raise ValueError("DP-SGD ([privacy] dp_sgd) with fedprox: the proximal term's gradient would bypass "
-                         "per-exam clipping; use fedavg")
-    if config.privacy.dp_sgd and s.baselines:
-        raise ValueError("DP-SGD ([privacy] dp_sgd) with baselines = true: the local-only baselines would "
-                         "train without DP and their test scores leave the sites; set baselines = false")
     if s.central_dp == "none":
         return strategy
-    if config.model.norm == "batch" and s.batchnorm == "average":
-        raise ValueError("central DP adds noise to every weight sent, BatchNorm's running variances "
-                         "included, which can turn negative: use [model] norm = \"group\" or "
-                         "batchnorm = \"local\"")
     if s.central_dp.endswith("fixed"):
         return WRAPPERS[s.central_dp](strategy, s.dp_noise_multiplier, s.dp_clipping_norm, s.dp_sampled_sites)
     return WRAPPERS[s.central_dp](strategy, s.dp_noise_multiplier, s.dp_sampled_sites,

@@ -16,8 +16,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from client.site_stats import ALL
 from common.atomic import write_files_atomic
+from common.protocol import ALL
 from common.stats.report import comparisons_csv, raters_csv, roc_png, to_json, to_markdown
 from server.evaluation import expand
 from server.privacy import markdown as privacy_markdown

@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.common import log
 
-from client.site_stats import site_name
+from common.protocol import site_name
 from server.console import MARKER
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from logging import INFO
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -36,22 +36,14 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 
-from client.app import WEIGHTS
-from client.secagg import SECAGG_WEIGHT
+from common.protocol import ARRAYS, CONFIG, METRICS, SECAGG_WEIGHT, SITE, WEIGHTS, site_record
 from server.console import MARKER
-
-if TYPE_CHECKING:
-    from server.app import Settings
+from server.settings import SECAGG_CENTRAL_DP, Settings
 
 QUANTIZATION_LEVELS = 2**24
 """Per site; with Flower's 2^32 modulus a sum over up to 255 sites cannot wrap around."""
 RECONSTRUCTION_THRESHOLD = 2 / 3
 """Shares needed to unmask a dropped site: a third of a site's neighbours may drop out of a round."""
-CENTRAL_DP = "client-fixed"
-"""The central DP mode SecAgg+ combines with: each site clips its update (Flower's `fixedclipping_mod`,
-`client.clipping`) before masking it, and the center adds the Gaussian noise of Flower's
-`DifferentialPrivacyClientSideFixedClipping`, std z·C/m, to the unmasked mean (`server.privacy` accounts
-it)."""
 
 
 class _Relay(Strategy):
@@ -69,8 +61,8 @@ class _Relay(Strategy):
         fit = []
         for proxy in self.proxies:
             content = self.messages[proxy.node_id].content
-            fit.append((proxy, FitIns(ndarrays_to_parameters([content["arrays"][WEIGHTS].numpy()]),
-                                      dict(content["config"]))))
+            fit.append((proxy, FitIns(ndarrays_to_parameters([content[ARRAYS][WEIGHTS].numpy()]),
+                                      dict(content[CONFIG]))))
         return fit
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
@@ -100,14 +92,15 @@ def secure_round(grid: Grid, context: Context, settings: Settings, server_round:
         return None, []
     relay = _Relay(messages, grid, context.run_id)
     for message in messages:
-        message.content["config"][SECAGG_WEIGHT] = weight
+        message.content[CONFIG][SECAGG_WEIGHT] = weight
     legacy = LegacyContext(Context(run_id=context.run_id, node_id=context.node_id, node_config={},
                                    state=RecordDict(), run_config=context.run_config),
                            config=ServerConfig(num_rounds=settings.rounds), strategy=relay,
                            client_manager=SimpleClientManager())
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
-    legacy.state.array_records[MAIN_PARAMS_RECORD] = messages[0].content["arrays"]
-    dp = settings.central_dp == CENTRAL_DP  # every site weighs 1, and no value of a clipped update exceeds C
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = messages[0].content[ARRAYS]
+    # Under central DP every site weighs 1, and no value of a clipped update exceeds C.
+    dp = settings.central_dp == SECAGG_CENTRAL_DP
     SecAggPlusWorkflow(1.0, RECONSTRUCTION_THRESHOLD, max_weight=1.0 if dp else settings.secagg_max_weight,
                        clipping_range=settings.dp_clipping_norm if dp else settings.secagg_clipping_range,
                        quantization_range=QUANTIZATION_LEVELS, timeout=settings.round_timeout)(grid, legacy)
@@ -120,7 +113,7 @@ def secure_round(grid: Grid, context: Context, settings: Settings, server_round:
             add_gaussian_noise_inplace([mean_update], noise)
             log(INFO, "%s round %d: central DP noise of std %.4g added to the secure mean", MARKER,
                 server_round, noise)
-        global_weights = messages[0].content["arrays"][WEIGHTS].numpy()
+        global_weights = messages[0].content[ARRAYS][WEIGHTS].numpy()
         arrays = ArrayRecord({WEIGHTS: Array((global_weights + mean_update).astype(np.float32))})
     by_node = {proxy.node_id: fit for proxy, fit in relay.results}
     replies = []
@@ -131,28 +124,7 @@ def secure_round(grid: Grid, context: Context, settings: Settings, server_round:
             replies.append(Message(Error(code=0, reason=f"SecAgg+: {reason}"), reply_to=message))
             continue
         metrics = dict(fit.metrics)
-        site = str(metrics.pop("site"))
-        replies.append(Message(RecordDict({"metrics": MetricRecord(metrics),
-                                           "site": ConfigRecord({"name": site})}), reply_to=message))
+        site = str(metrics.pop(SITE))
+        replies.append(Message(RecordDict({METRICS: MetricRecord(metrics), SITE: site_record(site)}),
+                               reply_to=message))
     return arrays, replies
-
-
-SECURE_STRATEGIES = ("fedavg", "fedprox")
-"""Strategies whose aggregate is the weighted mean SecAgg+ computes; the others need single updates."""
-
-
-def settings_problems(settings: Settings) -> list[str]:
-    """What in the run config rules SecAgg+ out (empty when `secagg` is off or fine)."""
-    s = settings
-    if not s.secagg:
-        return []
-    return [message for failed, message in (
-        (s.min_nodes < 3, "secagg needs min-nodes >= 3: with 2 sites each could subtract its own update "
-                          "from the sum and read the other's"),
-        (s.strategy not in SECURE_STRATEGIES, f"secagg computes the weighted mean: strategy {s.strategy!r} "
-                                              f"needs single updates; use {' or '.join(SECURE_STRATEGIES)}"),
-        (s.central_dp not in ("none", CENTRAL_DP), f"secagg combines only with central-dp = {CENTRAL_DP!r}: "
-                                                   "the center cannot clip updates it never sees"),
-        (s.secagg_clipping_range <= 0, "secagg-clipping-range must be > 0"),
-        (s.secagg_max_weight <= 0, "secagg-max-weight must be > 0"),
-    ) if failed]

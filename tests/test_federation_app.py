@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,17 +14,18 @@ import torch
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum
 from test_federation_support import predictions, run_in_process, truth_and
 
-import server.app
-from client.app import WEIGHTS, pack_weights, unpack_weights
-from client.clipping import SITE_WEIGHT
-from client.site_stats import LOCAL_ONLY, MODEL
+import server.state
 from client.train import load_weights
 from common.checkpoint import config_of, latest_checkpoint, load_checkpoint, save_checkpoint
 from common.config import Config
 from common.model import build_model, initial_model
+from common.protocol import LOCAL_ONLY, MODEL, SITE_WEIGHT, WEIGHTS, pack_weights, unpack_weights
 from common.stats import auc_ci, delong_test
 from common.stats.scores import parse_scores
-from server.app import RoundError, Settings, exchanged_keys, make_strategy
+from server.exchange import RoundError
+from server.settings import Settings
+from server.state import exchanged_keys
+from server.strategy import make_strategy
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +104,12 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(sites, config, tmp_pat
     run_in_process(sites, {**run, "num-server-rounds": 1, "out-dir": str(tmp_path / "stopped")})
     with pytest.raises(ValueError, match="already holds a run"):
         run_in_process(sites, {**run, "num-server-rounds": 2, "out-dir": str(tmp_path / "stopped")})
-    with pytest.raises(ValueError, match=r"different settings.*strategy"):
+    with pytest.raises(ValueError, match=r"cannot resume exactly.*strategy = 'fedadam' \(now 'fedavg'\)"):
         run_in_process(sites, {**run, "strategy": "fedavg", "num-server-rounds": 2, "resume": True,
                                "out-dir": str(tmp_path / "stopped")})
     with monkeypatch.context() as m:  # a fedmammo whose preprocessing makes other inputs
-        m.setattr(server.app, "INPUTS_VERSION", server.app.INPUTS_VERSION + 1)
-        with pytest.raises(ValueError, match=r"different settings.*the preprocessing version"):
+        m.setattr(server.state, "INPUTS_VERSION", server.state.INPUTS_VERSION + 1)
+        with pytest.raises(ValueError, match=r"inputs of preprocessing version"):
             run_in_process(sites, {**run, "num-server-rounds": 2, "resume": True,
                                    "out-dir": str(tmp_path / "stopped")})
     run_in_process(sites, {**run, "num-server-rounds": 2, "resume": True,
@@ -129,17 +131,33 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(sites, config, tmp_pat
         assert all(torch.equal(kept_a[k], kept_b[k]) for k in kept_a)
 
 
+def test_resume_refuses_another_round_count_under_a_cosine_schedule(sites, config, tmp_path):
+    """A cosine schedule spans the whole run: with another num-server-rounds every round's learning rate
+    moves, so the resumed run could not end as an uninterrupted one would. A constant rate may be extended
+    (the test above); a setting that changes only speed may change."""
+    cosine = tmp_path / "cosine.toml"
+    cosine.write_text(Path(config).read_text().replace("[train]\n", "[train]\nlr_schedule = \"cosine\"\n"))
+    run = {"config": str(cosine), "eval-every": 0, "local-steps": 1, "out-dir": str(tmp_path / "run")}
+    run_in_process(sites, {**run, "num-server-rounds": 1})
+    with pytest.raises(ValueError, match=r"num-server-rounds = 1 \(now 2\): the cosine learning-rate "):
+        run_in_process(sites, {**run, "num-server-rounds": 2, "resume": True})
+    faster = tmp_path / "faster.toml"
+    faster.write_text(cosine.read_text().replace("num_threads = 1", "num_threads = 2"))
+    run_in_process(sites, {**run, "config": str(faster), "num-server-rounds": 1, "resume": True,
+                           "round-timeout": 60.0})
+
+
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_its_error(sites, config, tmp_path,
                                                                           monkeypatch):
-    """Checkpoints are written beside the next round (server.app.main): a failed write must still stop
-    the run, naming the cause, and never leave a later round's checkpoint behind it."""
+    """Checkpoints are written beside the next round (`server.state.checkpoint_writer`): a failed write must
+    still stop the run, naming the cause, and never leave a later round's checkpoint behind it."""
 
     def full_disk(path, tensors, metadata=None):
         if path.name == "round-0001.safetensors":
             raise OSError(28, "No space left on device", str(path))
         return save_checkpoint(path, tensors, metadata)
 
-    monkeypatch.setattr("server.app.save_checkpoint", full_disk)
+    monkeypatch.setattr("server.state.save_checkpoint", full_disk)
     with pytest.raises(OSError, match="No space left on device"):
         run_in_process(sites, {"config": config, "num-server-rounds": 3, "local-steps": 1, "eval-every": 0,
                                "out-dir": str(tmp_path)})

@@ -10,8 +10,8 @@ import json
 import pytest
 from test_federation_support import predictions, truth_and
 
-from client.site_stats import MODEL
 from common.checkpoint import latest_checkpoint
+from common.protocol import MODEL
 from common.sites import site_folders
 from common.stats import auc_ci
 from server.certs import make_certificates

@@ -20,9 +20,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from opacus.accountants import RDPAccountant
 from test_federation_support import run_in_process
 
-from client.app import WEIGHTS
 from client.app import app as client_app
-from client.clipping import CENTRAL_DP
 from client.data import ExamTensors
 from client.dp import PrivateSGD
 from client.train import run as run_local
@@ -30,7 +28,8 @@ from client.train import train_epochs
 from common.checkpoint import load_checkpoint
 from common.config import config_from_dict, load_config
 from common.model import DualViewDenseNet, MultiTaskLoss, initial_model
-from server.app import exchanged_keys
+from common.protocol import CENTRAL_DP, WEIGHTS
+from server.state import exchanged_keys
 
 GROUP = '\n[model]\nnorm = "group"\n'
 C = 0.01

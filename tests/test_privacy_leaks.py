@@ -18,12 +18,12 @@ from flwr.app import Message, MessageType
 from test_federation_support import InProcessGrid, run_in_process
 
 import client.app
-from client.app import WEIGHTS
 from client.site_stats import read_cases
 from common.config import load_config
 from common.model import initial_model
+from common.protocol import WEIGHTS
 from common.stats.scores import GRIDS
-from server.app import exchanged_keys
+from server.state import exchanged_keys
 
 IDENTIFYING = {"PatientID", "OtherPatientIDs", "AccessionNumber", "StudyID", "DeviceSerialNumber",
                "InstitutionName", "InstitutionAddress"}

@@ -15,13 +15,14 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from test_federation_support import InProcessGrid, run_in_process
 
-from client.app import WEIGHTS, pack_weights
 from common.checkpoint import load_checkpoint
 from common.config import load_config
 from common.model import initial_model
-from server.app import Settings, exchanged_keys
+from common.protocol import WEIGHTS, pack_weights
 from server.launch import app_defaults, simulate
 from server.secagg import QUANTIZATION_LEVELS
+from server.settings import Settings
+from server.state import exchanged_keys
 
 
 class RecordingGrid(InProcessGrid):

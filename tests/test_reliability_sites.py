@@ -18,11 +18,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from test_federation_support import InProcessGrid, predictions, run_in_process, truth_and
 
-from client.site_stats import MODEL
 from common.checkpoint import latest_checkpoint
+from common.protocol import MODEL
 from common.stats import auc_ci
-from server.app import RoundError
 from server.attendance import Attendance
+from server.exchange import RoundError
 
 
 def metrics(out: Path) -> list[dict[str, str]]:

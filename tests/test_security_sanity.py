@@ -13,12 +13,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.supercore.task_identity import TaskIdentity
 from test_federation_support import InProcessGrid, run_in_process
 
-from client.app import WEIGHTS, pack_weights
 from common.checkpoint import load_checkpoint
 from common.config import load_config
 from common.model import initial_model
-from server.app import RoundError, exchanged_keys
+from common.protocol import WEIGHTS, pack_weights
+from server.exchange import RoundError
 from server.sanity import screen_updates
+from server.state import exchanged_keys
 
 SENT = ArrayRecord({WEIGHTS: Array(np.zeros(6, dtype=np.float32))})
 
