@@ -40,9 +40,10 @@ from tqdm import tqdm
 
 from common.atomic import write_atomic
 from common.config import Config
-from common.exams import LABELS_FILE, Exam, Rejection, pair_exams, scan_site, site_files
+from common.exams import LABELS_FILE, Exam, pair_exams, scan_site, site_files
 from common.labels import ExamLabel, read_labels
 from common.preprocess import VERSION as INPUTS_VERSION
+from common.rejection import Rejection
 
 CACHE_VERSION = 1
 """Bump when the cache's own layout changes (what the views hold is `common.preprocess.VERSION`)."""

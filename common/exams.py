@@ -17,25 +17,12 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from common.labels import ExamLabel, exam_id
+from common.rejection import Rejection
 
 if TYPE_CHECKING:
     from common.dicom import Header
 
 LABELS_FILE = "labels.csv"
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """Something the site has that cannot be used, and why. `source` is a file path, a labels-CSV row
-    (`labels.csv:12`) or an exam id."""
-
-    source: str
-    reason: str
-
-    @property
-    def kind(self) -> str:
-        """The reason's category: the text before its first colon ('not DICOM', 'incomplete exam', ...)."""
-        return self.reason.partition(":")[0]
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,8 @@ import csv
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from common.exams import Rejection
+from common.rejection import Rejection
 
 REQUIRED_COLUMNS = (
     "patient_id", "study_uid", "laterality", "pathology", "birads", "density", "symptomatic", "split",
@@ -98,7 +96,6 @@ def read_labels(path: str | Path) -> tuple[dict[str, ExamLabel], list[Rejection]
     """Read a site's labels CSV, row by row: every bad row becomes a rejection naming `labels.csv:LINE` and
     the column, and the rest are kept. Comma-, semicolon- or tab-separated (spreadsheet exports), UTF-8
     with or without a byte-order mark. Raises LabelsError when the file as a whole is unusable."""
-    from common.exams import Rejection  # common.exams imports this module: importing it here avoids a cycle
 
     path = Path(path)
     try:

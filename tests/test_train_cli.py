@@ -14,8 +14,8 @@ import client.predict
 import client.train
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.cli import main
-from common.exams import Rejection
 from common.preprocess import VERSION as INPUTS_VERSION
+from common.rejection import Rejection
 
 CONFIG = """
 [data]
