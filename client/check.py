@@ -1,9 +1,11 @@
 """`fedmammo check DIR`: what a site runs before joining a federation.
 
 It prepares the site exactly as training does (`client.prepare.prepare_site`, so what check accepts is what
-training uses) and reports: files and exams found, complete and usable; label balance per split; every
-rejected file, label row or exam with its reason. Exit status 0 when some exam is usable, 1 when none is,
-2 when the folder, its labels file or the config cannot be used at all.
+training uses) and reports: files and exams found, complete and usable; per split, the exams carrying each
+target (a pathology, a 2–5 BI-RADS read) and their balance; warnings (a patient in several splits, a DICOM
+PatientID that contradicts its label row); every rejected file, label row or exam with its reason. Exit
+status 0 when some exam is usable, 1 when none is, 2 when the folder, its labels file or the config cannot
+be used at all.
 """
 
 from __future__ import annotations
@@ -20,35 +22,51 @@ from common.atomic import write_atomic
 from common.config import load_config
 from common.labels import SPLITS
 
-DENSITIES = ("a", "b", "c", "d")
+DENSITIES = ("a", "b", "c", "d", "")
+"""BI-RADS densities, and "" for unknown."""
 
 
 def split_table(site: PreparedSite) -> dict[str, dict[str, Any]]:
-    """Per split: exams, benign/malignant, density a–d and symptomatic counts of the usable exams."""
+    """Per split, of the usable exams: how many, with a pathology (benign, malignant) or none, with a 2–5
+    BI-RADS read (the BI-RADS head's target), per density, symptomatic."""
     table = {}
     for split in SPLITS:
         labels = [label for label in site.labels if label.split == split]
         density = Counter(label.density for label in labels)
         table[split] = {
             "exams": len(labels),
-            "benign": sum(not label.malignant for label in labels),
-            "malignant": sum(label.malignant for label in labels),
-            "density": {d: density[d] for d in DENSITIES},
-            "symptomatic": sum(label.symptomatic for label in labels),
+            "benign": sum(label.malignant is False for label in labels),
+            "malignant": sum(label.malignant is True for label in labels),
+            "no_pathology": sum(label.malignant is None for label in labels),
+            "birads_target": sum(label.birads_target is not None for label in labels),
+            "density": {d or "unknown": density[d] for d in DENSITIES},
+            "symptomatic": sum(label.symptomatic is True for label in labels),
         }
     return table
 
 
-def warnings_of(splits: dict[str, dict[str, Any]]) -> list[str]:
-    """What will make training or evaluation weak even though exams are usable."""
+def warnings_of(site: PreparedSite, splits: dict[str, dict[str, Any]]) -> list[str]:
+    """What will make training or evaluation weak or wrong even though exams are usable."""
     out = []
     for split, row in splits.items():
-        if row["exams"] and not (row["benign"] and row["malignant"]):
+        labelled = row["benign"] + row["malignant"]
+        if labelled and not (row["benign"] and row["malignant"]):
             out.append(f"split {split} has {row['benign']} benign and {row['malignant']} malignant exams: "
                        "its AUC cannot be computed")
+        if row["exams"] and not labelled and not row["birads_target"]:
+            out.append(f"split {split}: no exam has a pathology or a 2–5 BI-RADS read: it can be scored, "
+                       "not trained or evaluated")
     if not splits["train"]["exams"]:
         out.append("no usable training exams: this site cannot train")
-    return out
+    splits_of: dict[str, set[str]] = {}
+    for label in site.labels:
+        splits_of.setdefault(label.patient_id, set()).add(label.split)
+    leaked = sorted(p for p, s in splits_of.items() if len(s) > 1)
+    if leaked:
+        shown = ", ".join(f"{p} ({'/'.join(sorted(splits_of[p]))})" for p in leaked[:5])
+        out.append(f"{len(leaked)} patient(s) have exams in several splits, so evaluation sees patients it "
+                   f"trained on: {shown}{' …' if len(leaked) > 5 else ''}")
+    return out + site.warnings
 
 
 def report(site: PreparedSite, root: Path) -> dict[str, Any]:
@@ -57,10 +75,12 @@ def report(site: PreparedSite, root: Path) -> dict[str, Any]:
     return {
         "site": site.name,
         "folder": str(root.resolve()),
+        "labelled": site.labelled,
         "counts": site.counts,
         "splits": splits,
-        "warnings": warnings_of(splits),
-        "exams": [{"exam_id": e, "split": label.split, "malignant": label.malignant}
+        "warnings": warnings_of(site, splits),
+        "exams": [{"exam_id": e, "split": label.split, "malignant": label.malignant,
+                   "birads": label.birads}
                   for e, label in zip(site.exam_ids, site.labels, strict=True)],
         "rejections": [{"source": r.source, "kind": r.kind, "reason": r.reason} for r in site.rejections],
     }
@@ -73,15 +93,17 @@ def summary(data: dict[str, Any]) -> str:
         f"Site {data['site']} ({data['folder']})",
         f"Files: {counts['files']} read, {counts['views']} mammography views",
         f"Exams: {counts['exams_labelled']} labelled, {counts['exams_complete']} complete (CC + MLO), "
-        f"{counts['exams_usable']} usable",
+        f"{counts['exams_usable']} usable"
+        + ("" if data["labelled"] else " (no labels.csv: exams are scored, not trained on or evaluated)"),
         "",
-        "| split | exams | benign | malignant | density a/b/c/d | symptomatic |",
-        "|---|---|---|---|---|---|",
+        "| split | exams | benign | malignant | no pathology | BI-RADS 2–5 | density a/b/c/d/unknown "
+        "| symptomatic |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for split, row in data["splits"].items():
-        density = "/".join(str(row["density"][d]) for d in DENSITIES)
-        lines.append(f"| {split} | {row['exams']} | {row['benign']} | {row['malignant']} | {density} | "
-                     f"{row['symptomatic']} |")
+        density = "/".join(str(row["density"][d or "unknown"]) for d in DENSITIES)
+        lines.append(f"| {split} | {row['exams']} | {row['benign']} | {row['malignant']} | "
+                     f"{row['no_pathology']} | {row['birads_target']} | {density} | {row['symptomatic']} |")
     lines += [f"warning: {w}" for w in data["warnings"]]
     rejections = data["rejections"]
     lines += ["", f"Rejected: {len(rejections)}"]

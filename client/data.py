@@ -18,7 +18,7 @@ from torch import Tensor
 
 from client.prepare import PreparedSite
 from common.labels import SPLITS
-from common.model import BIRADS_CLASSES
+from common.model import BIRADS_CLASSES, IGNORE
 
 BALANCES = ("pos_weight", "sampler", "none")
 
@@ -29,12 +29,16 @@ class ExamTensors:
     views: Tensor
     """(N, V, H, W) float16 in [0, 1], on the CPU."""
     malignant: Tensor
-    """(N,) float32, 1 = malignant."""
+    """(N,) float32, 1 = malignant, 0 = benign, NaN = no pathology (`common.model.MultiTaskLoss` skips it)."""
     birads_class: Tensor
-    """(N,) int64 index into `common.model.BIRADS_CLASSES`."""
+    """(N,) int64 index into `common.model.BIRADS_CLASSES`, or `IGNORE` where the exam has no 2–5 read."""
 
     def __len__(self) -> int:
         return len(self.exam_ids)
+
+    @property
+    def has_pathology(self) -> Tensor:
+        return ~torch.isnan(self.malignant)
 
 
 class Batch(NamedTuple):
@@ -53,33 +57,40 @@ def exam_tensors(sites: Sequence[PreparedSite], split: str = "all") -> ExamTenso
         described = ", ".join(f"{p.name}: {p.views.shape[1:]}" for p in parts)
         raise ValueError(f"sites have different view shapes (same config needed for all): {described}")
     views = np.concatenate([part.views for part in parts]).astype(np.float16, copy=False)
+    labels = [label for part in parts for label in part.labels]
     return ExamTensors(
         exam_ids=[exam for part in parts for exam in part.exam_ids],
         views=torch.from_numpy(views),
-        malignant=torch.from_numpy(np.concatenate([part.malignant for part in parts]).astype(np.float32)),
-        birads_class=torch.from_numpy(np.concatenate([part.birads for part in parts]).astype(np.int64))
-        - BIRADS_CLASSES[0],
+        malignant=torch.tensor([np.nan if x.malignant is None else float(x.malignant) for x in labels],
+                               dtype=torch.float32),
+        birads_class=torch.tensor([IGNORE if (b := x.birads_target) is None else BIRADS_CLASSES.index(b)
+                                   for x in labels], dtype=torch.int64),
     )
 
 
 def pos_weight(data: ExamTensors, balance: str) -> float | None:
-    """The malignancy loss's weight of positives: n_benign / n_malignant with `balance='pos_weight'`."""
-    if balance not in BALANCES:
-        raise ValueError(f"train.balance must be one of {', '.join(BALANCES)}; got {balance!r}")
-    n_pos = float(data.malignant.sum())
-    if balance != "pos_weight" or n_pos in (0, len(data)):
+    """The malignancy loss's weight of positives: n_benign / n_malignant with `balance='pos_weight'`
+    (counted over the exams with a pathology, the only ones the malignancy loss sees)."""
+    n_pos = float(data.malignant.nansum())
+    n_neg = float(data.has_pathology.sum()) - n_pos
+    if balance != "pos_weight" or n_pos == 0 or n_neg == 0:
         return None
-    return (len(data) - n_pos) / n_pos
+    return n_neg / n_pos
 
 
 def epoch_order(data: ExamTensors, balance: str, generator: torch.Generator) -> Tensor:
     """Exam indices for one epoch: a permutation, or with `balance='sampler'` a draw with replacement in
-    which benign and malignant exams are equally likely."""
+    which, among the exams with a pathology, benign and malignant are equally likely (exams without one
+    keep their share)."""
     if balance != "sampler":
         return torch.randperm(len(data), generator=generator)
-    n_pos = data.malignant.sum()
-    weights = torch.where(data.malignant > 0, 1 / n_pos.clamp(min=1), 1 / (len(data) - n_pos).clamp(min=1))
-    return torch.multinomial(weights, len(data), replacement=True, generator=generator)
+    n, known = len(data), data.has_pathology
+    positive = known & (data.malignant > 0)
+    n_pos, n_neg = positive.sum().clamp(min=1), (known & ~positive).sum().clamp(min=1)
+    share = known.sum() / n / 2  # of the draws, for each class
+    weights = torch.where(positive, share / n_pos, share / n_neg)
+    weights = torch.where(known, weights, torch.full_like(weights, 1 / n))
+    return torch.multinomial(weights, n, replacement=True, generator=generator)
 
 
 def batches(

@@ -13,7 +13,7 @@ from torch import nn
 from client.data import ExamTensors, batches
 from client.device import Runtime, resolve_runtime
 from common.config import Config
-from common.model import BIRADS_CLASSES, MultiTaskLoss, malignancy_score
+from common.model import BIRADS_CLASSES, IGNORE, MultiTaskLoss, malignancy_score
 from common.stats import StatsInputError, auc_ci, binary_metrics
 
 
@@ -56,10 +56,16 @@ class Predictions:
 
 @dataclass
 class Metrics:
+    """Each measured where its truth exists: the malignancy figures on the exams with a pathology, the
+    BI-RADS accuracy on those with a 2–5 read."""
+
     n: int
+    """Exams scored."""
+    n_pathology: int
     n_malignant: int
+    n_birads: int
     loss: float
-    """Malignancy BCE (unweighted) + birads_loss_weight × BI-RADS cross-entropy."""
+    """Malignancy BCE (unweighted) + birads_loss_weight × BI-RADS cross-entropy, each where its target is."""
     auc: float | None
     """None when a split lacks two exams of either class (no DeLong CI then)."""
     auc_low: float | None
@@ -67,7 +73,7 @@ class Metrics:
     threshold: float
     sensitivity: float | None
     specificity: float | None
-    birads_accuracy: float
+    birads_accuracy: float | None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,8 +84,10 @@ class Metrics:
             auc = f"AUC {self.auc:.3f} (95% CI {self.auc_low:.3f}–{self.auc_high:.3f})"
         sens = "n/a" if self.sensitivity is None else f"{self.sensitivity:.2f}"
         spec = "n/a" if self.specificity is None else f"{self.specificity:.2f}"
+        unknown = self.n - self.n_pathology
         return (f"{auc}, sensitivity {sens} / specificity {spec} at score ≥ {self.threshold:g}, "
-                f"loss {self.loss:.4f}, n={self.n} ({self.n_malignant} malignant)")
+                f"loss {self.loss:.4f}, n={self.n} ({self.n_malignant} malignant"
+                + (f", {unknown} without pathology" if unknown else "") + ")")
 
 
 @torch.no_grad()
@@ -110,23 +118,27 @@ def metrics(predictions: Predictions, data: ExamTensors, config: Config) -> Metr
     """Metrics of `predictions` against the labels in `data` (same exams, same order, at least one)."""
     if predictions.exam_ids != data.exam_ids or not data.exam_ids:
         raise ValueError("metrics need the predictions of the same, non-empty list of exams")
-    truth = data.malignant.numpy().astype(bool)
+    known = data.has_pathology.numpy()
+    truth = data.malignant.numpy()[known].astype(bool)
     loss = MultiTaskLoss(config.model.birads_loss_weight)(
         {"malignancy": torch.from_numpy(predictions.malignancy_logit),
          "birads": torch.from_numpy(predictions.birads_logits)},
         data.malignant, data.birads_class,
     )
-    score = predictions.score
+    score = predictions.score[known]
     try:
         auc, low, high = auc_ci(truth, score)
     except StatsInputError:
         auc = low = high = None
     called = binary_metrics(truth, score >= config.train.threshold)
     sens, spec = called["sensitivity"].value, called["specificity"].value
-    predicted_class = np.searchsorted(BIRADS_CLASSES, predictions.birads)
+    read = data.birads_class.numpy() != IGNORE
+    predicted_class = np.searchsorted(BIRADS_CLASSES, predictions.birads)[read]
     return Metrics(
-        n=len(truth),
+        n=len(data),
+        n_pathology=len(truth),
         n_malignant=int(truth.sum()),
+        n_birads=int(read.sum()),
         loss=float(loss),
         auc=auc,
         auc_low=low,
@@ -134,7 +146,8 @@ def metrics(predictions: Predictions, data: ExamTensors, config: Config) -> Metr
         threshold=config.train.threshold,
         sensitivity=None if np.isnan(sens) else sens,
         specificity=None if np.isnan(spec) else spec,
-        birads_accuracy=float(np.mean(predicted_class == data.birads_class.numpy())),
+        birads_accuracy=float(np.mean(predicted_class == data.birads_class.numpy()[read]))
+        if read.any() else None,
     )
 
 

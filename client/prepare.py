@@ -1,7 +1,8 @@
 """A site folder read into memory: every usable exam's preprocessed views and labels.
 
 One code path serves `fedmammo check`, training and prediction, so that what check accepts is what training
-uses: labels.csv → every file's header → views whose laterality only the pixels tell are decoded first →
+uses: labels.csv (if any: a folder without one is a set of new studies to score) and images.csv (if any,
+`common.manifest`) → every file's header → views whose laterality only the pixels tell are decoded first →
 exams paired → every view decoded and preprocessed → arrays.
 
 Decoding runs in worker processes, one file at a time each, so that a file that hangs or crashes a codec
@@ -30,7 +31,7 @@ import os
 import resource
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -40,8 +41,9 @@ from tqdm import tqdm
 
 from common.atomic import write_atomic
 from common.config import Config
-from common.exams import LABELS_FILE, Exam, pair_exams, scan_site, site_files
+from common.exams import LABELS_FILE, Exam, pair_exams, scan_files, site_files, with_listed
 from common.labels import ExamLabel, read_labels
+from common.manifest import MANIFEST_FILE, Listed, read_manifest
 from common.preprocess import VERSION as INPUTS_VERSION
 from common.rejection import Rejection
 
@@ -72,6 +74,10 @@ class PreparedSite:
     counts: dict[str, int] = field(default_factory=dict)
     """Inventory for reports: files, views (mammography views read), exams_labelled, exams_complete
     (CC and MLO found), exams_usable."""
+    warnings: list[str] = field(default_factory=list)
+    """What is usable but suspicious (a DICOM PatientID that contradicts its label row)."""
+    labelled: bool = True
+    """False for a folder without labels.csv: new studies, scored but not trained on or evaluated."""
 
     def split(self, name: str) -> PreparedSite:
         """The exams of one split ('train', 'val', 'test'; 'all' keeps every exam)."""
@@ -79,22 +85,14 @@ class PreparedSite:
         return replace(self, exam_ids=[self.exam_ids[i] for i in keep], views=self.views[keep],
                        labels=[self.labels[i] for i in keep])
 
-    @property
-    def malignant(self) -> np.ndarray:
-        return np.array([label.malignant for label in self.labels], dtype=np.int64)
 
-    @property
-    def birads(self) -> np.ndarray:
-        return np.array([label.birads for label in self.labels], dtype=np.int64)
-
-
-def decode_view(path: Path, size: tuple[int, int]) -> Decoded:
+def decode_view(path: Path, size: tuple[int, int], listed: Listed | None = None) -> Decoded:
     """Read and preprocess one file; any failure becomes its reason, so that one file never stops a site."""
-    from common.dicom import DicomError, read_view  # in the decoding workers only (see `scan_site`)
+    from common.dicom import DicomError, read_view  # in the decoding workers only (see `scan_files`)
     from common.preprocess import preprocess_view
 
     try:
-        view = read_view(path)
+        view = read_view(path, listed)
         return view.laterality, preprocess_view(view.pixels, size).astype(np.float16)
     except DicomError as exc:
         return exc.reason
@@ -119,8 +117,9 @@ def _worker(conn: Connection, size: tuple[int, int], memory: int) -> None:
     limit_memory(memory)
     conn.send("ready")
     try:
-        while (path := conn.recv()) is not None:
-            conn.send(decode_view(path, size))
+        while (job := conn.recv()) is not None:
+            path, listed = job
+            conn.send(decode_view(path, size, listed))
     except (EOFError, KeyboardInterrupt):
         pass
 
@@ -145,9 +144,9 @@ class _Worker:
         self.kill()
         raise RuntimeError(f"a decoding worker failed to start (exit code {self.process.exitcode})")
 
-    def send(self, path: Path, timeout: float) -> None:
+    def send(self, path: Path, listed: Listed | None, timeout: float) -> None:
         self.path, self.deadline = path, time.monotonic() + timeout
-        self.conn.send(path)
+        self.conn.send((path, listed))
 
     def outcome(self, ready: list[object], now: float, timeout: float) -> tuple[Decoded, bool] | None:
         """(result, whether the worker can go on), or None while it is still working."""
@@ -170,11 +169,12 @@ class _Worker:
 
 
 def decode_files(paths: Sequence[Path], size: tuple[int, int], workers: int, timeout: float,
-                 progress: bool = False, desc: str = "decoding", memory: int = DECODE_MEMORY_BYTES
-                 ) -> dict[Path, Decoded]:
+                 progress: bool = False, desc: str = "decoding", memory: int = DECODE_MEMORY_BYTES,
+                 listed: Mapping[Path, Listed] | None = None) -> dict[Path, Decoded]:
     """Decode `paths` in `workers` processes (0 = one per CPU core this process may use), each allowed
     `memory` more bytes of address space; a file still decoding after `timeout` seconds, or whose worker
-    dies, is rejected and its worker replaced."""
+    dies, is rejected and its worker replaced. `listed`: the manifest's entries, by resolved path."""
+    listed = listed or {}
     results: dict[Path, Decoded] = {}
     todo = deque(paths)
     idle: list[_Worker] = []
@@ -187,7 +187,7 @@ def decode_files(paths: Sequence[Path], size: tuple[int, int], workers: int, tim
             while idle and todo:
                 worker = idle.pop()
                 try:
-                    worker.send(todo[0], timeout)
+                    worker.send(todo[0], listed.get(todo[0].resolve()), timeout)
                 except OSError:  # it died while idle (e.g. killed for memory): replace it
                     worker.kill()
                     idle.append(_Worker(size, memory))
@@ -223,18 +223,18 @@ class _Cache:
     def __init__(self, folder: Path | None, size: tuple[int, int]) -> None:
         self.folder, self.size = folder, size
 
-    def _file(self, path: Path) -> Path | None:
+    def _file(self, path: Path, listed: Listed | None) -> Path | None:
         if self.folder is None:
             return None
         try:
             stat = path.stat()
         except OSError:
             return None
-        key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{self.size}\0{_KEY_VERSION}"
+        key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{self.size}\0{_KEY_VERSION}\0{listed}"
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()}.npz"
 
-    def load(self, path: Path) -> Decoded | None:
-        file = self._file(path)
+    def load(self, path: Path, listed: Listed | None) -> Decoded | None:
+        file = self._file(path, listed)
         if file is None or not file.exists():
             return None
         try:
@@ -248,8 +248,8 @@ class _Cache:
         except Exception:  # a damaged entry (disk full, foreign file): decode again
             return None
 
-    def store(self, path: Path, result: Decoded) -> None:
-        file = self._file(path)
+    def store(self, path: Path, listed: Listed | None, result: Decoded) -> None:
+        file = self._file(path, listed)
         if file is None or (isinstance(result, str) and result.startswith(_TIMED_OUT)):
             return
         buffer = io.BytesIO()
@@ -261,15 +261,16 @@ class _Cache:
 
 
     def site_key(self, root: Path, config: Config) -> str | None:
-        """The key of a whole prepared site: every file's path, size and modification time, labels.csv's,
-        and the settings that shape the arrays. None when there is no cache or a file vanished."""
+        """The key of a whole prepared site: every file's path, size and modification time, labels.csv's
+        and images.csv's (or their absence), and the settings that shape the arrays. None when there is no
+        cache or a file vanished."""
         if self.folder is None:
             return None
         digest = hashlib.sha256(f"{_KEY_VERSION}\0{self.size}\0{config.data.bilateral}".encode())
         try:
-            for path in [root / LABELS_FILE, *site_files(root, skip=[self.folder])]:
-                stat = path.stat()
-                digest.update(f"\0{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+            for path in [root / LABELS_FILE, root / MANIFEST_FILE, *site_files(root, skip=[self.folder])]:
+                stat = path.stat() if path.exists() or path.name not in (LABELS_FILE, MANIFEST_FILE) else None
+                digest.update(f"\0{path.resolve()}\0{stat and (stat.st_size, stat.st_mtime_ns)}".encode())
         except OSError:
             return None
         return digest.hexdigest()
@@ -288,14 +289,16 @@ class _Cache:
         except Exception:  # a damaged entry: prepare the site again
             return None
         return PreparedSite(meta["name"], meta["exam_ids"], views, [ExamLabel(**x) for x in meta["labels"]],
-                            [Rejection(*x) for x in meta["rejections"]], meta["counts"])
+                            [Rejection(*x) for x in meta["rejections"]], meta["counts"], meta["warnings"],
+                            meta["labelled"])
 
     def store_site(self, root: Path, key: str | None, site: PreparedSite) -> None:
         """Keep `site` under `key`, replacing what was kept for the same folder's earlier contents."""
         if key is None or any(r.reason.startswith(_TIMED_OUT) for r in site.rejections):
             return
         meta = {"name": site.name, "exam_ids": site.exam_ids, "labels": [asdict(x) for x in site.labels],
-                "rejections": [(r.source, r.reason) for r in site.rejections], "counts": site.counts}
+                "rejections": [(r.source, r.reason) for r in site.rejections], "counts": site.counts,
+                "warnings": site.warnings, "labelled": site.labelled}
         buffer = io.BytesIO()
         np.savez(buffer, views=site.views, meta=np.array(json.dumps(meta)))
         file = self._site_file(root, key)
@@ -305,24 +308,26 @@ class _Cache:
                 old.unlink(missing_ok=True)
 
 
-def _decode(paths: Sequence[Path], config: Config, cache: _Cache, progress: bool,
-            desc: str) -> dict[Path, Decoded]:
-    results = {p: r for p in paths if (r := cache.load(p)) is not None}
+def _decode(paths: Sequence[Path], listed: Mapping[Path, Listed], config: Config, cache: _Cache,
+            progress: bool, desc: str) -> dict[Path, Decoded]:
+    entry = {p: listed.get(p.resolve()) for p in paths}
+    results = {p: r for p in paths if (r := cache.load(p, entry[p])) is not None}
     todo = [p for p in paths if p not in results]
     decoded = decode_files(todo, config.data.image_size, config.data.workers, config.data.decode_timeout_s,
-                           progress, desc)
+                           progress, desc, listed=listed)
     for path, result in decoded.items():
-        cache.store(path, result)
+        cache.store(path, entry[path], result)
     return results | decoded
 
 
 def prepare_site(root: Path, config: Config, cache_dir: str | Path | None = None,
                  progress: bool = True) -> PreparedSite:
-    """Read a site folder (labels.csv + DICOM at any depth) into arrays; see the module docstring.
+    """Read a site folder (DICOM at any depth, labels.csv, images.csv) into arrays; see the module docstring.
+    Without labels.csv every complete breast is an exam to score, with no targets.
 
     The cache lives in `config.data.cache_dir` if set, else in `cache_dir` (the caller's default, e.g.
-    `<output>/cache`); with neither, nothing is cached. Raises ValueError when the folder or its labels
-    file as a whole is unusable; everything smaller is a rejection in the result.
+    `<output>/cache`); with neither, nothing is cached. Raises ValueError when the folder, its labels file
+    or its manifest as a whole is unusable; everything smaller is a rejection in the result.
     """
     root = Path(root)
     if not root.is_dir():
@@ -334,13 +339,38 @@ def prepare_site(root: Path, config: Config, cache_dir: str | Path | None = None
     key = cache.site_key(root, config)
     if (kept := cache.load_site(root, key)) is not None:
         return kept
-    labels, rejections = read_labels(root / LABELS_FILE)
-    headers, rejected = scan_site(root, skip=[cache.folder] if cache.folder else [], progress=progress)
-    files = len(headers) + len(rejected)  # every file is a header or a rejection
+    labelled = (root / LABELS_FILE).exists()
+    labels, rejections = read_labels(root / LABELS_FILE) if labelled else (None, [])
+    listed, rejected = read_manifest(root)
+    files = with_listed(site_files(root, skip=[cache.folder] if cache.folder else []), listed)
+    site = _prepare(root.name, files, labels, listed, config, cache, progress, rejections + rejected)
+    cache.store_site(root, key, site)
+    return site
+
+
+def prepare_files(name: str, paths: Sequence[Path], config: Config, cache_dir: str | Path | None = None,
+                  progress: bool = True) -> PreparedSite:
+    """New studies given as DICOM files and folders of them (no labels, no manifest): every complete
+    breast they show is an exam to score."""
+    folder = config.data.cache_dir or cache_dir
+    cache = _Cache(Path(folder) if folder else None, config.data.image_size)
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ValueError(f"{path}: no such file or folder")
+        files += site_files(path) if path.is_dir() else [path]
+    return _prepare(name, sorted(set(files)), None, {}, config, cache, progress, [])
+
+
+def _prepare(name: str, files: Sequence[Path], labels: dict[str, ExamLabel] | None,
+             listed: Mapping[Path, Listed], config: Config, cache: _Cache, progress: bool,
+             rejections: list[Rejection]) -> PreparedSite:
+    """Headers → laterality from pixels where no tag gives it → exams → decoded views → arrays."""
+    headers, rejected = scan_files(files, listed, progress, f"{name}: headers")
     rejections += rejected
 
     unknown = [h.path for h in headers if h.laterality is None]
-    decoded = _decode(unknown, config, cache, progress, f"{root.name}: laterality from pixels")
+    decoded = _decode(unknown, listed, config, cache, progress, f"{name}: laterality from pixels")
     resolved = []
     for header in headers:
         result = decoded.get(header.path)
@@ -352,7 +382,7 @@ def prepare_site(root: Path, config: Config, cache_dir: str | Path | None = None
     exams, rejected = pair_exams(resolved, labels, config.data.bilateral)
     rejections += rejected
     needed = sorted({p for exam in exams for p in exam.paths} - set(decoded))
-    decoded |= _decode(needed, config, cache, progress, f"{root.name}: decoding")
+    decoded |= _decode(needed, listed, config, cache, progress, f"{name}: decoding")
     rejections += [Rejection(str(p), r) for p in needed if isinstance(r := decoded[p], str)]
 
     usable: list[Exam] = []
@@ -368,9 +398,21 @@ def prepare_site(root: Path, config: Config, cache_dir: str | Path | None = None
     for i, exam in enumerate(usable):
         for j, path in enumerate(exam.paths):
             views[i, j] = decoded[path][1]
-    counts = {"files": files, "views": len(headers), "exams_labelled": len(labels),
+    counts = {"files": len(files), "views": len(headers), "exams_labelled": len(labels or {}),
               "exams_complete": len(exams), "exams_usable": len(usable)}
-    site = PreparedSite(root.name, [e.exam_id for e in usable], views, [e.label for e in usable],
-                        rejections, counts)
-    cache.store_site(root, key, site)
-    return site
+    warnings = patient_mismatches(usable, {h.path: h.patient_id for h in resolved}) if labels else []
+    return PreparedSite(name, [e.exam_id for e in usable], views, [e.label for e in usable], rejections,
+                        counts, warnings, labels is not None)
+
+
+def patient_mismatches(exams: Sequence[Exam], patient_of: Mapping[Path, str]) -> list[str]:
+    """A warning when views' DICOM PatientID contradicts their exam's label row (a mislabelled or
+    misfiled study, or a manifest that pairs the wrong patient's images)."""
+    found = [(exam.exam_id, exam.label.patient_id, dicom) for exam in exams
+             for dicom in sorted({patient_of[p] for p in exam.paths if patient_of.get(p)})
+             if dicom != exam.label.patient_id]
+    if not found:
+        return []
+    shown = "; ".join(f"{e}: labels.csv {label!r}, DICOM {dicom!r}" for e, label, dicom in found[:3])
+    return [f"{len(found)} exam(s) whose DICOM PatientID differs from their labels.csv patient_id ({shown}"
+            f"{' …' if len(found) > 3 else ''}): check that each label row names its own images"]

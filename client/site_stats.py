@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 
 CASE_COLUMNS = ("exam_id", "malignant", "density", "symptomatic", "model-birads")
 """Prediction-file columns that are not raters; the columns after them are raters' scores."""
-_COUNTED = ("exams", "malignant", "dense", "symptomatic")
+_COUNTED = ("exams", "pathology", "malignant", "birads", "dense", "symptomatic")
+"""What `site_counts` counts: exams, those with a pathology (of which malignant), with a 2–5 BI-RADS read
+(the BI-RADS head's target), dense and symptomatic."""
 _log = logging.getLogger(__name__)
 """The site's own log: details that must not reach the center."""
 
@@ -71,18 +73,24 @@ def cases_csv(labels: Sequence[ExamLabel], birads: np.ndarray, scores: Mapping[s
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*CASE_COLUMNS, *scores, *readers])
     for i, label in enumerate(labels):
-        writer.writerow([label.exam_id, int(label.malignant), label.density, int(label.symptomatic),
+        writer.writerow([label.exam_id, _flag(label.malignant), label.density, _flag(label.symptomatic),
                          int(birads[i]), *(f"{s[i]:.1f}" for s in scores.values()),
                          *(label.readers.get(r, "") for r in readers)])
     return out.getvalue()
 
 
+def _flag(value: bool | None) -> str:
+    return "" if value is None else str(int(value))
+
+
 def read_cases(path: Path, threshold: float) -> Cases:
-    """Parse a prediction file; `threshold` is the models' positive call. A reader column that is not a
-    complete set of BI-RADS, 0/1, probability or 0–100 reads is skipped with its reason."""
+    """Parse a prediction file; `threshold` is the models' positive call. Only exams with a pathology are
+    cases (the statistics need the truth); a reader column that is not a complete set of BI-RADS, 0/1,
+    probability or 0–100 reads on them is skipped with its reason."""
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        rows = list(reader)
+        numbered = [(line, row) for line, row in enumerate(reader, start=2) if row["malignant"] in ("0", "1")]
+        rows = [row for _, row in numbered]
         columns = list(reader.fieldnames or [])[len(CASE_COLUMNS):]
     raters, skipped = {}, {}
     for column in columns:
@@ -91,7 +99,7 @@ def read_cases(path: Path, threshold: float) -> Cases:
             raters[column] = Rater(np.array(texts, dtype=float), str(ScoreKind.PERCENT), threshold)
             continue
         try:
-            values, kind = parse_scores(texts, column, range(2, len(rows) + 2))
+            values, kind = parse_scores(texts, column, [line for line, _ in numbered])
         except StatsInputError as exc:  # its text quotes a cell, which goes no further than this site's log
             _log.warning("%s: reader column %r skipped: %s", path, column, exc)
             skipped[column] = redact(str(exc))
@@ -100,7 +108,8 @@ def read_cases(path: Path, threshold: float) -> Cases:
             skipped[column] = f"{kind} scores have no federated grid"
             continue
         raters[column] = Rater(values, str(kind), float(default_threshold(kind)))
-    symptoms = np.array(["symptomatic" if row["symptomatic"] == "1" else "asymptomatic" for row in rows])
+    calls = {"1": "symptomatic", "0": "asymptomatic"}
+    symptoms = np.array([calls.get(row["symptomatic"], "") for row in rows], dtype=object)
     density = subgroup_labels("density", [row["density"] for row in rows])
     groups = {ALL: np.ones(len(rows), dtype=bool),
               **subgroup_masks({"density": density, "symptoms": symptoms})}
@@ -108,11 +117,13 @@ def read_cases(path: Path, threshold: float) -> Cases:
 
 
 def site_counts(labels: Sequence[ExamLabel]) -> dict[str, dict[str, int]]:
-    """Exams per split, and how many of them are malignant, dense and symptomatic (the report's Table 1)."""
+    """Per split, the counts of `_COUNTED` (the report's Table 1, `fedmammo check`)."""
     counts: dict[str, dict[str, int]] = {}
     for label in labels:
         entry = counts.setdefault(label.split, dict.fromkeys(_COUNTED, 0))
-        for key, value in zip(_COUNTED, (1, label.malignant, label.dense, label.symptomatic), strict=True):
+        values = (1, label.malignant is not None, bool(label.malignant), label.birads_target is not None,
+                  label.dense, bool(label.symptomatic))
+        for key, value in zip(_COUNTED, values, strict=True):
             entry[key] += int(value)
     return counts
 

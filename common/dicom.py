@@ -2,9 +2,11 @@
 oriented.
 
 Accepted: Modality MG stored as Digital Mammography X-Ray Image (For Presentation or For Processing), one
-greyscale frame. Everything else raises `DicomError(path, reason)`; a reason starts with its kind ('not
-DICOM', 'not MG', 'no laterality', 'no view', 'unsupported view', 'unsupported image', 'codec missing',
-'pixel data unreadable', ...), then a colon and the detail, so that reports can group them.
+greyscale frame; and any single-frame greyscale image that a site's manifest lists (`common.manifest`:
+digitized film, Secondary Capture, stripped headers), which takes the manifest's study, laterality and
+view. Everything else raises `DicomError(path, reason)`; a reason starts with its kind ('not DICOM',
+'not MG', 'no laterality', 'no view', 'unsupported view', 'unsupported image', 'codec missing', 'pixel data
+unreadable', ...), then a colon and the detail, so that reports can group them.
 
 Pixels (`read_view`), in DICOM's order:
 
@@ -62,6 +64,7 @@ from pydicom.uid import (
     DigitalMammographyXRayImageStorageForProcessing as MG_FOR_PROCESSING,
 )
 
+from common.manifest import Listed
 from common.preprocess import chest_wall_side
 
 MAX_SIDE = 10_000
@@ -237,7 +240,29 @@ def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
     return None
 
 
-def _header(ds: Dataset, path: Path) -> Header:
+def _listed_header(ds: Dataset, path: Path, listed: Listed) -> Header:
+    """A manifest-listed image: its header need only be one greyscale frame of an image."""
+    samples, frames = int(ds.get("SamplesPerPixel") or 1), int(ds.get("NumberOfFrames") or 1)
+    if not (ds.get("Rows") and ds.get("Columns")):
+        raise DicomError(path, "unsupported image: no Rows and Columns (not an image)")
+    if samples != 1 or frames != 1:
+        raise DicomError(path, f"unsupported image: {samples} samples per pixel, {frames} frames (need 1, 1)")
+    return Header(
+        path=path,
+        sop_instance_uid=str(ds.get("SOPInstanceUID") or path.resolve()),
+        study_instance_uid=listed.study_uid,
+        patient_id=listed.patient_id or str(ds.get("PatientID", "")),
+        laterality=listed.laterality,
+        view=listed.view,
+        projection=listed.view,
+        for_processing=_text(ds, "PresentationIntentType") == "FOR PROCESSING",
+        pixel_spacing=_pixel_spacing(ds),
+    )
+
+
+def _header(ds: Dataset, path: Path, listed: Listed | None = None) -> Header:
+    if listed is not None:
+        return _listed_header(ds, path, listed)
     modality = _text(ds, "Modality")
     if modality != "MG":
         raise DicomError(path, f"not MG: Modality is {modality or 'missing'}")
@@ -277,10 +302,11 @@ def _guarded(path: Path, read: Callable[[], _T]) -> _T:
         raise DicomError(path, f"not DICOM: malformed data set ({type(exc).__name__}: {exc})") from None
 
 
-def read_header(path: str | Path) -> Header:
-    """The header of one file (pixel data not read): fast enough to scan a whole site."""
+def read_header(path: str | Path, listed: Listed | None = None) -> Header:
+    """The header of one file (pixel data not read): fast enough to scan a whole site. `listed`: what the
+    site's manifest says of the file, which replaces its study, laterality and view."""
     path = Path(path)
-    return _guarded(path, lambda: _header(_dcmread(path, header_only=True), path))
+    return _guarded(path, lambda: _header(_dcmread(path, header_only=True), path, listed))
 
 
 def _stored_pixels(ds: Dataset, path: Path) -> np.ndarray:
@@ -379,15 +405,15 @@ def _processing_table(ds: Dataset, values: np.ndarray, counts: np.ndarray) -> np
     return table
 
 
-def read_view(path: str | Path) -> View:
+def read_view(path: str | Path, listed: Listed | None = None) -> View:
     """Read one mammography file: header checks, then pixels after the LUTs, inverted and oriented."""
     path = Path(path)
-    return _guarded(path, lambda: _read_view(path))
+    return _guarded(path, lambda: _read_view(path, listed))
 
 
-def _read_view(path: Path) -> View:
+def _read_view(path: Path, listed: Listed | None) -> View:
     ds = _dcmread(path, header_only=False)
-    header = _header(ds, path)
+    header = _header(ds, path, listed)
     stored = _stored_pixels(ds, path)
     low = int(stored.min())
     index = stored - stored.dtype.type(low) if stored.dtype.kind == "u" else stored.astype(np.int32) - low

@@ -1,6 +1,6 @@
 """A site folder's DICOM views grouped into exams: the CC and MLO of one breast of one study.
 
-`scan_site` reads every file's header (no pixel data); `pair_exams` groups the views per StudyInstanceUID
+`scan_files` reads every file's header (no pixel data); `pair_exams` groups the views per StudyInstanceUID
 and laterality, attaches the labels and, with `bilateral`, the other breast's views. Whatever cannot be
 used becomes a `Rejection`.
 """
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from common.labels import ExamLabel, exam_id
+from common.manifest import MANIFEST_FILE, Listed
 from common.rejection import Rejection
 
 if TYPE_CHECKING:
@@ -44,35 +45,44 @@ class Exam:
 
 
 def site_files(root: Path, skip: Iterable[Path] = ()) -> list[Path]:
-    """Every file below `root` in path order, except labels.csv, hidden files and folders, and the
-    folders in `skip` (e.g. a cache kept inside the site folder)."""
+    """Every file below `root` in path order, except labels.csv, images.csv, hidden files and folders, and
+    the folders in `skip` (e.g. a cache kept inside the site folder)."""
     skipped = {p.resolve() for p in skip}
     files = []
     for folder, dirs, names in os.walk(root):
         here = Path(folder)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() not in skipped)
         names = [n for n in sorted(names) if not n.startswith(".")]
-        files += [here / n for n in names if not (here == root and n == LABELS_FILE)]
+        files += [here / n for n in names if not (here == root and n in (LABELS_FILE, MANIFEST_FILE))]
     return sorted(files)
 
 
-def scan_site(root: Path, skip: Iterable[Path] = (),
-              progress: bool = False) -> tuple[list[Header], list[Rejection]]:
-    """The header of every mammography view below `root`; every other file, and every repeated
+def with_listed(files: Iterable[Path], listed: Mapping[Path, Listed]) -> list[Path]:
+    """`files` and the manifest's files that are not among them (those outside the site folder)."""
+    files = list(files)
+    seen = {f.resolve() for f in files}
+    return files + sorted(p for p in listed if p not in seen)
+
+
+def scan_files(files: Iterable[Path], listed: Mapping[Path, Listed] | None = None, progress: bool = False,
+               desc: str = "headers") -> tuple[list[Header], list[Rejection]]:
+    """The header of every mammography view among `files` (a manifest-listed file: any single-frame
+    greyscale image, with the manifest's study, laterality and view); every other file, and every repeated
     SOPInstanceUID after its first file, is rejected."""
     # Imported here: a federated message whose site is unchanged never reads a header (`client.prepare`),
     # and pydicom with its codecs is a second of every ClientApp process's start-up.
     from common.dicom import DicomError, read_header
 
+    listed = listed or {}
     headers: list[Header] = []
     rejections: list[Rejection] = []
     first_of: dict[str, Path] = {}
-    for path in tqdm(site_files(root, skip), desc=f"{root.name}: headers", unit="file", disable=not progress):
+    for path in tqdm(list(files), desc=desc, unit="file", disable=not progress):
         if not path.is_file():
             rejections.append(Rejection(str(path), "unreadable file: not a regular file"))
             continue
         try:
-            header = read_header(path)
+            header = read_header(path, listed.get(path.resolve()))
         except DicomError as exc:
             rejections.append(Rejection(str(path), exc.reason))
             continue
@@ -99,19 +109,34 @@ def _choose(candidates: list[Header], exam: str, view: str, rejections: list[Rej
     return ordered[0]
 
 
-def pair_exams(headers: Iterable[Header], labels: Mapping[str, ExamLabel],
+def unlabelled(headers: Iterable[Header]) -> dict[str, ExamLabel]:
+    """A label without targets for every breast the views show, in study and laterality order: new
+    patients' studies are exams to score, not to train on or evaluate."""
+    labels = {}
+    for header in sorted(headers, key=lambda h: (h.study_instance_uid, h.laterality or "", str(h.path))):
+        key = exam_id(header.study_instance_uid, str(header.laterality))
+        labels.setdefault(key, ExamLabel(header.patient_id, header.study_instance_uid, str(header.laterality),
+                                         malignant=None, birads=None, density="", symptomatic=None, split=""))
+    return labels
+
+
+def pair_exams(headers: Iterable[Header], labels: Mapping[str, ExamLabel] | None,
                bilateral: bool = False) -> tuple[list[Exam], list[Rejection]]:
-    """Exams of the labelled breasts, in label order, from views whose laterality is known.
+    """Exams of the labelled breasts, in label order, from views whose laterality is known; with `labels`
+    None (a folder without labels.csv), of every breast the views show (`unlabelled`).
 
     Rejected: label rows without images, exams lacking CC or MLO (or, with `bilateral`, the other breast's
     CC or MLO), surplus images of a view, and images of breasts with no label row whose other breast has
     none either (the other breast of a labelled one is its contralateral, not unlabelled).
     """
+    headers = list(headers)
     groups: dict[tuple[str, str], dict[str, list[Header]]] = defaultdict(lambda: defaultdict(list))
     for header in headers:
         if header.laterality is None:
             raise ValueError(f"{header.path}: laterality must be known before pairing")
         groups[header.study_instance_uid, header.laterality][header.view].append(header)
+    if labels is None:
+        labels = unlabelled(headers)
 
     rejections: list[Rejection] = []
     chosen: dict[tuple[str, str], dict[str, Header]] = {}

@@ -1,7 +1,16 @@
 """A site's labels CSV: one row per exam (one breast of one study).
 
-Required columns: patient_id, study_uid, laterality (L/R), pathology (benign/malignant), birads (2–5 as
-read clinically; 4A/4B/4C count as 4), density (a–d), symptomatic (0/1), split (train/val/test).
+Required columns: patient_id, study_uid (the exam key: a StudyInstanceUID, or any text that images.csv
+uses), laterality (L/R), pathology, birads, density, symptomatic, split (train/val/test).
+Labels as datasets have them: `pathology` benign/malignant or empty (no reference standard); `birads`
+0–6 as read clinically (4A/4B/4C count as 4) or empty; `density` a–d or empty; `symptomatic` 0/1 or empty.
+What each target trains and is evaluated on (`ExamLabel.malignant`, `ExamLabel.birads_target`):
+- the malignancy head only on exams with a pathology;
+- the BI-RADS head only on reads 2–5, its four classes. 0 (incomplete: more imaging needed) is no
+  assessment; 1 (negative) has no class (taking it as 2, "benign finding", would teach the head a finding
+  where there is none); 6 (known biopsy-proven cancer) restates the pathology. All three are kept as read
+  (counted, reported) but train and score nothing.
+An exam with neither target is still a complete exam: counted, scored, and evaluated where truth exists.
 Any further column is a reader's read of the exam (BI-RADS 2–5 with 4A/4B/4C, 0/1 or a 0–100 score),
 kept as text and analysed by `common.stats`.
 """
@@ -28,21 +37,33 @@ def exam_id(study_uid: str, laterality: str) -> str:
     return f"{study_uid}_{laterality}"
 
 
+BIRADS_TARGETS = (2, 3, 4, 5)
+"""BI-RADS reads that train and score the model's BI-RADS head (its classes; see the module docstring)."""
+
+
 @dataclass(frozen=True)
 class ExamLabel:
     patient_id: str
     study_uid: str
     laterality: str
-    malignant: bool
-    birads: int
+    malignant: bool | None
+    """The reference standard; None where the exam has no pathology."""
+    birads: int | None
+    """The clinical read, 0–6; None where there is none."""
     density: str
-    symptomatic: bool
+    """a–d, or "" where unknown."""
+    symptomatic: bool | None
     split: str
     readers: dict[str, str] = field(default_factory=dict)
 
     @property
     def exam_id(self) -> str:
         return exam_id(self.study_uid, self.laterality)
+
+    @property
+    def birads_target(self) -> int | None:
+        """The BI-RADS head's target: the read when it is 2–5, else None."""
+        return self.birads if self.birads in BIRADS_TARGETS else None
 
     @property
     def dense(self) -> bool:
@@ -56,12 +77,13 @@ class LabelsError(ValueError):
 
 _CHOICES = {
     "laterality": ("L", "R"),
-    "pathology": ("benign", "malignant"),
-    "density": ("a", "b", "c", "d"),
-    "symptomatic": ("0", "1"),
+    "pathology": ("benign", "malignant", ""),
+    "density": ("a", "b", "c", "d", ""),
+    "symptomatic": ("0", "1", ""),
     "split": SPLITS,
 }
-_BIRADS = {"2": 2, "3": 3, "4": 4, "4A": 4, "4B": 4, "4C": 4, "5": 5}
+"""Allowed values; "" is an empty cell (unknown)."""
+_BIRADS = {"0": 0, "1": 1, "2": 2, "3": 3, "4": 4, "4A": 4, "4B": 4, "4C": 4, "5": 5, "6": 6}
 
 
 def _parse_row(row: dict[str, str], readers: list[str]) -> ExamLabel:
@@ -73,20 +95,22 @@ def _parse_row(row: dict[str, str], readers: list[str]) -> ExamLabel:
     for column, choices in _CHOICES.items():
         value = values[column].upper() if column == "laterality" else values[column].lower()
         if value not in choices:
-            raise ValueError(f"column {column}: {values[column]!r} is not one of {', '.join(choices)}")
+            allowed = ", ".join(c for c in choices if c) + (" or empty" if "" in choices else "")
+            raise ValueError(f"column {column}: {values[column]!r} is not one of {allowed}")
         values[column] = value
-    birads = _BIRADS.get(values["birads"].upper())
-    if birads is None:
-        raise ValueError(f"column birads: {values['birads']!r} is not a BI-RADS category 2, 3, 4 (4A/4B/4C) "
-                         "or 5")
+    birads = _BIRADS.get(values["birads"].upper()) if values["birads"] else None
+    if values["birads"] and birads is None:
+        raise ValueError(f"column birads: {values['birads']!r} is not a BI-RADS category 0–6 (4A/4B/4C) "
+                         "or empty")
+    pathology, symptomatic = values["pathology"], values["symptomatic"]
     return ExamLabel(
         patient_id=values["patient_id"],
         study_uid=values["study_uid"],
         laterality=values["laterality"],
-        malignant=values["pathology"] == "malignant",
+        malignant=None if not pathology else pathology == "malignant",
         birads=birads,
         density=values["density"],
-        symptomatic=values["symptomatic"] == "1",
+        symptomatic=None if not symptomatic else symptomatic == "1",
         split=values["split"],
         readers={name: (row.get(name) or "").strip() for name in readers},
     )

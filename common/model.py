@@ -18,10 +18,13 @@ from torch import Tensor, nn
 from torchvision.models import densenet121
 
 from common.config import Config, ModelConfig
+from common.labels import BIRADS_TARGETS
 from common.runtime import seed_everything
 
-BIRADS_CLASSES = (2, 3, 4, 5)
+BIRADS_CLASSES = BIRADS_TARGETS
 """BI-RADS category of each output of the BI-RADS head."""
+IGNORE = -100
+"""BI-RADS class of an exam without a 2–5 read: no BI-RADS loss (torch's cross-entropy ignore index)."""
 GRAY_MEAN = 0.449
 """ImageNet's mean over its RGB means (0.485, 0.456, 0.406): the gray input is normalised once."""
 GRAY_STD = 0.226
@@ -166,8 +169,10 @@ def malignancy_score(logits: Tensor) -> Tensor:
 
 class MultiTaskLoss(nn.Module):
     """Malignancy BCE (positives weighted by `pos_weight` against class imbalance) plus
-    `birads_weight` × BI-RADS cross-entropy. Targets: malignant (B,) float 0/1, BI-RADS class index (B,)
-    0–3. `reduction='none'` gives per-exam losses (Opacus's ghost clipping asks for them)."""
+    `birads_weight` × BI-RADS cross-entropy. Targets: malignant (B,) float 0/1 or NaN (no pathology: no
+    BCE), BI-RADS class index (B,) 0–3 or `IGNORE` (no cross-entropy). An exam's loss is the sum of the
+    terms it has, and the mean is over every exam of the batch, so each exam weighs the same whatever it
+    carries. `reduction='none'` gives per-exam losses (Opacus's ghost clipping asks for them)."""
 
     def __init__(self, birads_weight: float = 0.3, pos_weight: float | None = None, reduction: str = "mean"):
         super().__init__()
@@ -176,10 +181,12 @@ class MultiTaskLoss(nn.Module):
         self.register_buffer("pos_weight", None if pos_weight is None else torch.tensor(float(pos_weight)))
 
     def forward(self, outputs: Mapping[str, Tensor], malignant: Tensor, birads_class: Tensor) -> Tensor:
+        known = ~torch.isnan(malignant)
         bce = F.binary_cross_entropy_with_logits(
-            outputs["malignancy"].float(), malignant.float(), pos_weight=self.pos_weight, reduction="none"
-        )
-        ce = F.cross_entropy(outputs["birads"].float(), birads_class, reduction="none")
+            outputs["malignancy"].float(), torch.where(known, malignant.float(), 0.0),
+            pos_weight=self.pos_weight, reduction="none",
+        ) * known
+        ce = F.cross_entropy(outputs["birads"].float(), birads_class, reduction="none", ignore_index=IGNORE)
         loss = bce + self.birads_weight * ce
         if self.reduction == "none":
             return loss

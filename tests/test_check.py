@@ -83,10 +83,11 @@ def test_check_reports_every_planted_problem_and_keeps_the_good_exams(
     found = {str(s.relative_to(root) if s.is_absolute() else s): r["kind"]
              for s, r in zip(sources, data["rejections"], strict=True)}
     assert found == expected
-    assert data["splits"]["train"] == {"exams": 2, "benign": 0, "malignant": 2,
-                                       "density": {"a": 1, "b": 0, "c": 0, "d": 1}, "symptomatic": 1}
+    assert data["splits"]["train"] == {"exams": 2, "benign": 0, "malignant": 2, "no_pathology": 0,
+                                       "birads_target": 2, "symptomatic": 1,
+                                       "density": {"a": 1, "b": 0, "c": 0, "d": 1, "unknown": 0}}
     stdout = capsys.readouterr().out
-    assert "| train | 2 | 0 | 2 | 1/0/0/1 | 1 |" in stdout
+    assert "| train | 2 | 0 | 2 | 0 | 2 | 1/0/0/1/0 | 1 |" in stdout
     assert "Exams: 7 labelled, 6 complete (CC + MLO), 4 usable" in stdout
     for kind in set(expected.values()):
         assert f"  {kind}: " in stdout
@@ -105,6 +106,9 @@ def test_nothing_usable_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_unusable_folder_or_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     view_file(tmp_path, "1.2.3", "L", "CC")
+    assert main(["check", str(tmp_path)]) == 1  # no labels.csv: studies to score, here none complete
+    assert "no labels.csv: exams are scored, not trained on or evaluated" in capsys.readouterr().out
+    (tmp_path / "labels.csv").write_bytes(b"\xff\xfe\x00 not text")
     assert main(["check", str(tmp_path)]) == 2
     assert "labels.csv: cannot read the labels file" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"

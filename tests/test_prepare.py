@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import queue
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ import client.prepare as prepare
 from client.prepare import prepare_site
 from common.config import Config
 from common.dicom import read_view
+from common.manifest import Listed
 from common.preprocess import preprocess_view
 
 SIZE = (64, 48)
@@ -59,15 +62,15 @@ def test_every_exam_in_label_order_with_its_views(tmp_path: Path) -> None:
     assert float(site.views.min()) >= 0.0 and float(site.views.max()) <= 1.0
     np.testing.assert_array_equal(site.views[1, 0], _expected(_file(root, "P001", "R", "CC")))
     np.testing.assert_array_equal(site.views[1, 1], _expected(_file(root, "P001", "R", "MLO")))
-    assert site.malignant.tolist() == [1, 0, 0, 1, 0, 0]
-    assert site.birads.tolist() == [5, 3, 3, 5, 3, 3]
+    assert [x.malignant for x in site.labels] == [True, False, False, True, False, False]
+    assert [x.birads for x in site.labels] == [5, 3, 3, 5, 3, 3]
     assert site.rejections == []
     assert site.counts == {"files": 12, "views": 12, "exams_labelled": 6, "exams_complete": 6,
                            "exams_usable": 6}
     train = site.split("train")
     assert train.exam_ids == [site.exam_ids[0], site.exam_ids[3]]
     np.testing.assert_array_equal(train.views[1], site.views[3])
-    assert train.malignant.tolist() == [1, 1] and len(site.split("all").exam_ids) == 6
+    assert [x.malignant for x in train.labels] == [True, True] and len(site.split("all").exam_ids) == 6
 
 
 def test_bilateral_adds_the_contralateral_views(tmp_path: Path) -> None:
@@ -125,7 +128,7 @@ def test_an_unchanged_site_is_read_back_whole_without_reading_a_header(
     write_site(root, 3)
     _file(root, "P002", "L", "CC").write_bytes(b"not a DICOM file")
     first = prepare_site(root, _config(), cache_dir=cache, progress=False)
-    monkeypatch.setattr(prepare, "scan_site", lambda *a, **k: pytest.fail("the headers were read again"))
+    monkeypatch.setattr(prepare, "scan_files", lambda *a, **k: pytest.fail("the headers were read again"))
     second = prepare_site(root, _config(), cache_dir=cache, progress=False)
     assert (second.name, second.exam_ids, second.labels, second.rejections, second.counts) == \
         (first.name, first.exam_ids, first.labels, first.rejections, first.counts)
@@ -182,21 +185,32 @@ def test_a_decode_that_hangs_is_rejected_and_the_rest_goes_on(tmp_path: Path, sl
     assert reasons["1.2.999_L"].startswith("incomplete exam: view(s) rejected: ")
 
 
-def test_a_decoder_that_dies_is_rejected_and_the_rest_goes_on(tmp_path: Path, slow_file: Path) -> None:
+def test_a_decoder_that_dies_is_rejected_and_the_rest_goes_on(tmp_path: Path, slow_file: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "site"
     _site_with(root, slow_file)
+    handed: queue.Queue[multiprocessing.Process] = queue.Queue()
+    send = prepare._Worker.send
 
-    def kill_first_worker() -> None:  # as the kernel's out-of-memory killer would
-        while not (workers := multiprocessing.active_children()):
-            time.sleep(0.01)
-        time.sleep(0.4)  # ready, given the slow file, and a second into decoding it
-        for worker in workers:
-            worker.kill()
+    def send_and_tell(worker: prepare._Worker, path: Path, listed: Listed | None, timeout: float) -> None:
+        send(worker, path, listed, timeout)
+        if path.name == "0_slow.dcm":
+            handed.put(worker.process)
 
-    killer = threading.Thread(target=kill_first_worker)
+    monkeypatch.setattr(prepare._Worker, "send", send_and_tell)
+    killed: list[int] = []
+
+    def kill_its_worker() -> None:  # as the kernel's out-of-memory killer would, while it has the slow file
+        with contextlib.suppress(queue.Empty):
+            process = handed.get(timeout=60)
+            process.kill()
+            killed.append(process.pid)
+
+    killer = threading.Thread(target=kill_its_worker)
     killer.start()
     site = prepare_site(root, _config(workers=1, decode_timeout_s=60), progress=False)
     killer.join()
+    assert killed, "the slow file never went to a worker"
     assert len(site.exam_ids) == 2
     reasons = {r.source: r.reason for r in site.rejections}
     assert reasons[str(root / "P000" / "0_slow.dcm")] == ("pixel data unreadable: the decoder process died "
@@ -206,6 +220,10 @@ def test_a_decoder_that_dies_is_rejected_and_the_rest_goes_on(tmp_path: Path, sl
 def test_unusable_folder_raises_value_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a folder"):
         prepare_site(tmp_path / "missing", _config(), progress=False)
-    view_file(tmp_path, "1.2.3", "L", "CC")
+    cc = view_file(tmp_path, "1.2.3", "L", "CC")
+    site = prepare_site(tmp_path, _config(), progress=False)  # no labels.csv: new studies to score
+    assert not site.labelled and site.exam_ids == []
+    assert [r.reason for r in site.rejections] == [f"incomplete exam: no MLO view (has CC {cc})"]
+    (tmp_path / "labels.csv").write_bytes(b"\xff\xfe\x00 not text")
     with pytest.raises(ValueError, match=r"labels\.csv: cannot read"):
         prepare_site(tmp_path, _config(), progress=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 from dicom_factory import view_file
 
 from common.dicom import Header
-from common.exams import pair_exams, scan_site
+from common.exams import pair_exams, scan_files, site_files
 from common.labels import ExamLabel
 
 
@@ -88,7 +88,7 @@ def test_scan_reads_headers_and_rejects_other_files(tmp_path: Path) -> None:
     (tmp_path / "cache" / "entry.npz").write_bytes(b"skipped folder")
     (tmp_path / "readme.txt").write_text("hello\n")
     os.mkfifo(tmp_path / "pipe")  # would block a reader forever
-    headers, rejections = scan_site(tmp_path, skip=[tmp_path / "cache"])
+    headers, rejections = scan_files(site_files(tmp_path, skip=[tmp_path / "cache"]))
     assert [h.path for h in headers] == [good]
     assert sorted((Path(r.source).name, r.kind) for r in rejections) == [
         ("pipe", "unreadable file"), ("readme.txt", "not DICOM"), ("zz_copy.dcm", "duplicate SOPInstanceUID")]

@@ -43,11 +43,11 @@ def test_semicolons_and_byte_order_mark_from_spreadsheets(tmp_path: Path) -> Non
         (",1.2.3,L,benign,3,c,0,train,,", "column patient_id: empty"),
         ("P1,,L,benign,3,c,0,train,,", "column study_uid: empty"),
         ("P1,1.2.3,B,benign,3,c,0,train,,", "column laterality: 'B' is not one of L, R"),
-        ("P1,1.2.3,L,unknown,3,c,0,train,,", "column pathology: 'unknown' is not one of benign, malignant"),
-        ("P1,1.2.3,L,benign,6,c,0,train,,", "column birads: '6' is not a BI-RADS category"),
-        ("P1,1.2.3,L,benign,0,c,0,train,,", "column birads: '0' is not a BI-RADS category"),
-        ("P1,1.2.3,L,benign,3,e,0,train,,", "column density: 'e' is not one of a, b, c, d"),
-        ("P1,1.2.3,L,benign,3,c,yes,train,,", "column symptomatic: 'yes' is not one of 0, 1"),
+        ("P1,1.2.3,L,unknown,3,c,0,train,,", "column pathology: 'unknown' is not one of benign, malignant or empty"),
+        ("P1,1.2.3,L,benign,7,c,0,train,,", "column birads: '7' is not a BI-RADS category 0–6"),
+        ("P1,1.2.3,L,benign,4D,c,0,train,,", "column birads: '4D' is not a BI-RADS category 0–6"),
+        ("P1,1.2.3,L,benign,3,e,0,train,,", "column density: 'e' is not one of a, b, c, d or empty"),
+        ("P1,1.2.3,L,benign,3,c,yes,train,,", "column symptomatic: 'yes' is not one of 0, 1 or empty"),
         ("P1,1.2.3,L,benign,3,c,0,tune,,", "column split: 'tune' is not one of train, val, test"),
     ],
 )
@@ -59,6 +59,19 @@ def test_bad_row_is_rejected_naming_line_and_column(tmp_path: Path, row: str, me
     assert rejections[0].source == "labels.csv:3"
     assert rejections[0].reason.startswith(f"invalid label row: {message}")
     assert rejections[0].kind == "invalid label row"
+
+
+def test_labels_as_datasets_have_them(tmp_path: Path) -> None:
+    """Empty pathology, BI-RADS 0, 1 and 6, unknown density and symptoms: complete exams, with only the
+    targets they carry (the BI-RADS head's is a 2–5 read)."""
+    path = _labels(tmp_path, "P1,1.2.3,L,,0,,,train,,", "P2,1.2.4,R,malignant,6,b,,test,,",
+                   "P3,1.2.5,L,benign,1,,1,val,,", "P4,1.2.6,R,,4B,d,0,train,,", "P5,1.2.7,L,,,,,test,,")
+    labels, rejections = read_labels(path)
+    assert rejections == []
+    got = {k: (x.malignant, x.birads, x.birads_target, x.density, x.symptomatic) for k, x in labels.items()}
+    assert got == {"1.2.3_L": (None, 0, None, "", None), "1.2.4_R": (True, 6, None, "b", None),
+                   "1.2.5_L": (False, 1, None, "", True), "1.2.6_R": (None, 4, 4, "d", False),
+                   "1.2.7_L": (None, None, None, "", None)}
 
 
 def test_duplicate_exam_and_blank_lines(tmp_path: Path) -> None:

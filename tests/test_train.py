@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from client.prepare import PreparedSite
 from client.train import scheduled_lr, train_epochs
 from common.config import Config
 from common.labels import ExamLabel
-from common.model import DualViewDenseNet
+from common.model import IGNORE, DualViewDenseNet, MultiTaskLoss
 from common.runtime import seed_everything
 
 SIZE = 64
@@ -83,13 +85,50 @@ def test_class_balance() -> None:
     data = exam_tensors([make_site(splits={"train": (12, 3)})], "train")
     assert pos_weight(data, "pos_weight") == 4.0
     assert pos_weight(data, "sampler") is None and pos_weight(data, "none") is None
-    with pytest.raises(ValueError, match=r"train\.balance"):
-        pos_weight(data, "oversample")
     generator = torch.Generator().manual_seed(0)
     drawn = torch.cat([epoch_order(data, "sampler", generator) for _ in range(200)])
     assert abs(float(data.malignant[drawn].mean()) - 0.5) < 0.03
     order = epoch_order(data, "pos_weight", generator)
     assert sorted(order.tolist()) == list(range(15))
+
+
+def _without_targets(site: PreparedSite, pathology: slice, birads: slice) -> PreparedSite:
+    """`site` with the pathology of the exams in `pathology` and the BI-RADS read of those in `birads`
+    removed (a dataset without them: VinDr has no pathology, RSNA's reads are 0–2)."""
+    labels = list(site.labels)
+    for i in range(len(labels))[pathology]:
+        labels[i] = dataclasses.replace(labels[i], malignant=None)
+    for i in range(len(labels))[birads]:
+        labels[i] = dataclasses.replace(labels[i], birads=[0, 1, 6, None][i % 4])
+    return dataclasses.replace(site, labels=labels)
+
+
+def test_each_target_counts_only_where_the_exam_has_it() -> None:
+    site = _without_targets(make_site(splits={"train": (8, 4)}), pathology=slice(0, 4), birads=slice(4, 8))
+    data = exam_tensors([site], "train")
+    assert torch.isnan(data.malignant[:4]).all() and data.has_pathology.sum() == 8
+    assert (data.birads_class[4:8] == IGNORE).all() and (data.birads_class[8:] >= 0).all()
+    assert pos_weight(data, "pos_weight") == 1.0  # 4 benign with a pathology, 4 malignant
+    generator = torch.Generator().manual_seed(0)
+    drawn = torch.cat([epoch_order(data, "sampler", generator) for _ in range(300)])
+    share = np.bincount(drawn.numpy(), minlength=12) / len(drawn)
+    assert abs(share[:4].sum() - 4 / 12) < 0.02  # exams without a pathology keep their share
+    assert abs(share[8:].sum() - share[4:8].sum()) < 0.02  # the others are balanced by class
+
+    outputs = {"malignancy": torch.randn(12), "birads": torch.randn(12, 4)}
+    per_exam = MultiTaskLoss(0.3, reduction="none")(outputs, data.malignant, data.birads_class)
+    assert torch.isfinite(per_exam).all()
+    changed = {"malignancy": outputs["malignancy"].clone(), "birads": outputs["birads"].clone()}
+    changed["malignancy"][:4] += 5  # no pathology: the malignancy output does not count
+    changed["birads"][4:8] += torch.tensor([5.0, -5, 0, 0])  # no 2–5 read: nor does the BI-RADS one
+    again = MultiTaskLoss(0.3, reduction="none")(changed, data.malignant, data.birads_class)
+    assert torch.equal(per_exam, again)
+
+    config = tiny_config()
+    model = DualViewDenseNet(pretrained=None)
+    metrics, _ = evaluate(model, data, config)
+    assert (metrics.n, metrics.n_pathology, metrics.n_malignant, metrics.n_birads) == (12, 8, 4, 8)
+    assert "4 without pathology" in metrics.summary()
 
 
 def test_augment_keeps_range_orientation_and_is_seeded() -> None:
