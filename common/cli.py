@@ -15,6 +15,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 
 HANDLERS = {
     "synth": "common.synth.command:run",
+    "import": "common.datasets.importer:run",
     "check": "client.check:run",
     "train": "client.train:run",
     "predict": "client.predict:run",
@@ -54,6 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulated reader with its sensitivity and specificity (repeatable; "
                         "default: the study's two senior and two junior radiologists)")
 
+    p = sub.add_parser("import", help="make site folders from a public dataset, read where it lies "
+                                      "(RSNA, VinDr-Mammo, CBIS-DDSM, CMMD; docs/datasets.md)")
+    p.add_argument("format", choices=["rsna", "vindr", "cbis-ddsm", "cmmd"], help="the dataset's format")
+    p.add_argument("src", help="the dataset's folder, as published (never written to)")
+    p.add_argument("out", help="new or empty folder for the site folders (labels.csv + images.csv each)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient-level splits (default 0)")
+    p.add_argument("--val-fraction", type=float, help="share of patients in val (default 0.1 where the "
+                                                      "dataset has no split, else 0: taken from its train)")
+    p.add_argument("--test-fraction", type=float, help="share of patients in test where the dataset has no "
+                                                       "split (default 0.2)")
+    p.add_argument("--sites-by", help="rsna: site_id (default) or machine_id; vindr, cmmd: manufacturer "
+                                      "(default: one site)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty OUT")
+
     p = sub.add_parser("check", help="inventory a site folder before it joins a federation")
     p.add_argument("dir", help="site folder: DICOM files (any depth) and labels.csv")
     p.add_argument("--config", help="TOML config ([data] section)")
@@ -65,12 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/local", help="output folder (default runs/local)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
 
-    p = sub.add_parser("predict", help="score a site's exams with trained weights")
-    p.add_argument("dir", help="site folder")
+    p = sub.add_parser("predict", help="score new studies, or a site's exams, with trained weights")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="a site folder, any folder of DICOM files (no labels needed), or DICOM files")
     p.add_argument("--weights", required=True, help="safetensors checkpoint")
     p.add_argument("--config", help="TOML config; must match the one the weights were trained with")
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--split", choices=["train", "val", "test", "all"],
+                   help="a labelled site's split to score (default: test; without labels.csv: all)")
     p.add_argument("--json", help="write per-exam predictions as JSON here")
+    p.add_argument("--csv", help="write per-exam predictions as CSV here")
 
     p = sub.add_parser("stats", help="reader-study statistics of a case table (AUC, DeLong, subgroups)")
     p.add_argument("cases", help="CSV with one row per case")

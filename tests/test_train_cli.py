@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pydicom
 import pytest
 import torch
 from dicom_factory import write_site
@@ -47,6 +48,7 @@ def site_dir(tmp_path, monkeypatch) -> str:
 
     for module in (client.train, client.predict):
         monkeypatch.setattr(module, "prepare_site", prepare_site)
+    (tmp_path / "hospital").mkdir()
     return str(tmp_path / "hospital")
 
 
@@ -147,6 +149,42 @@ def test_train_and_predict_from_dicom(tmp_path, capsys) -> None:
     assert "6 exams (train 2, val 2, test 2), 1 rejected" in err and "broken.dcm" in err
     assert json.loads((out / "metrics.json").read_text())["exams"] == {"train": 2, "val": 2, "test": 2}
     predictions = tmp_path / "p.json"
-    assert main(["predict", str(root), "--weights", str(out / "best.safetensors"), "--split", "all",
-                 "--json", str(predictions)]) == 0
-    assert len(json.loads(predictions.read_text())["exams"]) == 6
+    weights = str(out / "best.safetensors")
+    assert main(["predict", str(root), "--weights", weights, "--split", "all", "--json",
+                 str(predictions)]) == 0
+    in_site = {e["exam_id"]: e for e in json.loads(predictions.read_text())["exams"]}
+    assert len(in_site) == 6
+    capsys.readouterr()
+
+    # A new patient's study as a hospital exports it: no labels, other file names and layout, one breast
+    # without its MLO. Each complete breast scores as it did inside the labelled site folder.
+    study = tmp_path / "export" / "study"
+    study.mkdir(parents=True)
+    first = sorted((root / "P000").glob("*.dcm"))
+    for i, path in enumerate(first):
+        (study / f"IM{i:04d}").write_bytes(path.read_bytes())
+    lone = next(p for p in sorted((root / "P001").glob("*.dcm")) if "_CC_" in p.name)
+    (study / "lone").write_bytes(lone.read_bytes())
+    new, table = tmp_path / "new.json", tmp_path / "new.csv"
+    assert main(["predict", str(tmp_path / "export"), "--weights", weights, "--json", str(new),
+                 "--csv", str(table)]) == 0
+    printed = capsys.readouterr()
+    report = json.loads(new.read_text())
+    assert report["metrics"] is None and report["split"] == "all"
+    scored = {e["exam_id"]: e for e in report["exams"]}
+    assert list(scored) == [f"{pydicom.dcmread(first[0]).StudyInstanceUID}_L"]  # P000: one left breast
+    for exam, entry in scored.items():  # to float32 rounding: other exams in the batch change kernel sums
+        assert entry["malignancy_score"] == pytest.approx(in_site[exam]["malignancy_score"], abs=1e-4)
+        assert entry["birads_probabilities"] == pytest.approx(in_site[exam]["birads_probabilities"], abs=1e-6)
+        assert "malignant" not in entry
+    assert [r["reason"].split(":")[0] for r in report["not_scored"]] == ["incomplete exam"]
+    assert "not scored" in printed.err and "AUC" not in printed.out
+    lines = table.read_text().splitlines()
+    assert lines[0].startswith("exam_id,patient_id,study_uid,laterality,malignancy_score,birads,p_birads_2")
+    assert len(lines) == 1 + len(scored)
+    # the same files named one by one
+    files = [str(p) for p in sorted(study.iterdir())]
+    assert main(["predict", *files, "--weights", weights, "--json", str(new)]) == 0
+    assert {e["exam_id"] for e in json.loads(new.read_text())["exams"]} == scored.keys()
+    assert main(["predict", str(study / "lone"), "--weights", weights]) == 1
+    assert "no exam with a CC and an MLO view" in capsys.readouterr().err
