@@ -41,13 +41,14 @@ from client.secagg import secagg_mod
 from client.site_stats import cases_csv, histograms, placement_sums, read_cases, site_counts
 from client.train import planned_steps, train_epochs
 from common.atomic import write_atomic
-from common.checkpoint import load_checkpoint, save_checkpoint
+from common.checkpoint import load_checkpoint, model_metadata, save_checkpoint
 from common.config import Config, parse_config
 from common.model import build_model, initial_model
 from common.protocol import (
     ARRAYS,
     LOCAL_ONLY,
     MODEL,
+    SITE_MODEL,
     WEIGHTS,
     EvaluateInstruction,
     QueryInstruction,
@@ -217,7 +218,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     task: EvaluateInstruction = job.task  # type: ignore[assignment]
     prepared = job.prepared()
     test = exam_tensors([prepared], "test")
-    metrics, predictions = score_exams(_global_model(msg, job, job.round), test, job.config)
+    model = _global_model(msg, job, job.round)
+    if task.final:  # the site's complete model: with FedBN no other holds its BatchNorm layers
+        save_checkpoint(job.folder / SITE_MODEL, model.state_dict(),
+                        {**model_metadata(job.config), "site": job.site.name, "round": job.round,
+                         "run-token": job.task.run_token})
+    metrics, predictions = score_exams(model, test, job.config)
     scores = {MODEL: predictions.score}
     if task.baseline_epochs or task.baseline_steps:
         scores[LOCAL_ONLY] = predict(_local_only_model(job, task), test, job.config).score

@@ -49,6 +49,9 @@ CENTRAL_DP = "central-dp"
 """The train instruction's key naming the center's central DP mode (the site clips for `client-*`)."""
 SECAGG_WEIGHT = "secagg-weight"
 """The key SecAgg+ rounds add to the train instruction: the train metric by which SecAgg+ weights sites."""
+SITE_MODEL = "model.safetensors"
+"""In a site's run folder after the final evaluation: the global weights with the site's own state (its
+BatchNorm layers under FedBN), a complete model that `fedmammo predict` reads."""
 MODEL, LOCAL_ONLY = "model", "local-only"
 """Rater names of the global model's scores and of the site's own model, trained on its data alone."""
 ALL = "all"
@@ -96,6 +99,10 @@ class _Fields:
 
 def _typed(value: Any, kind: str, where: str) -> Any:
     try:
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
         if kind == "list[str]":
             if not isinstance(value, list | tuple):
                 raise TypeError
@@ -144,6 +151,8 @@ class EvaluateInstruction(RunInstruction):
     baseline_epochs: int = 0
     baseline_steps: int = 0
     """The local-only baseline's training budget; both 0: no baseline."""
+    final: bool = False
+    """The run's last evaluation: each site then keeps its complete model (`SITE_MODEL`)."""
     WHAT: ClassVar[str] = "evaluate instruction"
 
     def message(self, arrays: ArrayRecord) -> RecordDict:

@@ -73,7 +73,8 @@ def _evaluation(grid: Grid, settings: Settings, config_text: str, state: RunStat
     task = EvaluateInstruction(fedmammo_config=config_text, run_token=state.token, weight_keys=state.keys,
                                server_round=state.round, stats_min_count=settings.stats_min_count,
                                baseline_epochs=settings.rounds * settings.local_epochs if baseline else 0,
-                               baseline_steps=settings.rounds * settings.local_steps if baseline else 0)
+                               baseline_steps=settings.rounds * settings.local_steps if baseline else 0,
+                               final=final)
     replies, missing = broadcast(grid, MessageType.EVALUATE, task.message(state.arrays), what, settings,
                                  attendance)
     summaries = [site_payload(r, SUMMARY) for r in replies]

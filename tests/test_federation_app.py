@@ -17,9 +17,10 @@ from test_federation_support import predictions, run_in_process, truth_and
 import server.state
 from client.train import load_weights
 from common.checkpoint import config_of, latest_checkpoint, load_checkpoint, save_checkpoint
+from common.cli import main
 from common.config import Config
 from common.model import build_model, initial_model
-from common.protocol import LOCAL_ONLY, MODEL, SITE_WEIGHT, WEIGHTS, pack_weights, unpack_weights
+from common.protocol import LOCAL_ONLY, MODEL, SITE_MODEL, SITE_WEIGHT, WEIGHTS, pack_weights, unpack_weights
 from common.stats import auc_ci, delong_test
 from common.stats.scores import parse_scores
 from server.exchange import RoundError
@@ -129,6 +130,19 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(sites, config, tmp_pat
         kept_a, kept_b = load_checkpoint(a).tensors, load_checkpoint(b).tensors
         assert any("norm" in k for k in kept_a)
         assert all(torch.equal(kept_a[k], kept_b[k]) for k in kept_a)
+
+    # FedBN leaves no global model at the center; each site keeps its complete one, which predict reads
+    # and which scores the site's test exams as the final evaluation did.
+    assert not (tmp_path / "straight" / "global.safetensors").exists()
+    site = "site2_nordvik"
+    [model] = (tmp_path / "straight" / "sites" / site).glob(f"runs/*/{SITE_MODEL}")
+    assert load_checkpoint(model).metadata["site"] == site
+    out = tmp_path / "predicted.json"
+    assert main(["predict", str(sites / site), "--weights", str(model), "--json", str(out)]) == 0
+    scored = {e["exam_id"]: round(e["malignancy_score"], 1) for e in json.loads(out.read_text())["exams"]}
+    final = {r["exam_id"]: float(r[MODEL]) for r in predictions(tmp_path / "straight", 2)
+             if r["exam_id"] in scored}
+    assert len(scored) == 8 and scored == pytest.approx(final, abs=0.1 + 1e-9)  # the file keeps 1 decimal
 
 
 def test_resume_refuses_another_round_count_under_a_cosine_schedule(sites, config, tmp_path):
