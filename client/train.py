@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     prepared_s = time.perf_counter() - started
-    print(f"training on {len(data['train'])} exams ({int(data['train'].malignant.sum())} malignant), "
+    print(f"training on {len(data['train'])} exams ({int(data['train'].malignant.nansum())} malignant), "
           f"device {runtime.device}, precision {runtime.amp_dtype or 'fp32'}", file=sys.stderr)
 
     for epoch in range(state["epoch"], config.train.epochs):
