@@ -57,16 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import", help="make site folders from a public dataset, read where it lies "
                                       "(RSNA, VinDr-Mammo, CBIS-DDSM, CMMD; docs/datasets.md)")
-    p.add_argument("format", choices=["rsna", "vindr", "cbis-ddsm", "cmmd"], help="the dataset's format")
-    p.add_argument("src", help="the dataset's folder, as published (never written to)")
-    p.add_argument("out", help="new or empty folder for the site folders (labels.csv + images.csv each)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the patient-level splits (default 0)")
-    p.add_argument("--val-fraction", type=float, help="share of patients in val (default 0.1 where the "
-                                                      "dataset has no split, else 0: taken from its train)")
-    p.add_argument("--test-fraction", type=float, help="share of patients in test where the dataset has no "
-                                                       "split (default 0.2)")
-    p.add_argument("--sites-by", help="rsna: site_id (default) or machine_id; vindr, cmmd: manufacturer "
-                                      "(default: one site)")
+    p.add_argument("format", metavar="FORMAT", choices=["rsna", "vindr", "cbis-ddsm", "cmmd"],
+                   help="the dataset's format: rsna, vindr, cbis-ddsm or cmmd")
+    p.add_argument("src", metavar="SRC", help="the dataset's folder, as published (never written to)")
+    p.add_argument("out", metavar="OUT", help="new or empty folder for the site folders (labels.csv + "
+                                              "images.csv each)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the patient-level splits (default 0)")
+    p.add_argument("--val-fraction", type=float, metavar="F",
+                   help="share of patients in val (default 0.1 where the dataset has no split, else 0: "
+                        "taken from its train)")
+    p.add_argument("--test-fraction", type=float, metavar="F",
+                   help="share of patients in test where the dataset has no split (default 0.2)")
+    p.add_argument("--sites-by", metavar="KEY",
+                   help="rsna: site_id (default) or machine_id; vindr, cmmd: manufacturer (default: one site)")
     p.add_argument("--force", action="store_true", help="write into a non-empty OUT")
 
     p = sub.add_parser("check", help="inventory a site folder before it joins a federation")
