@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import densenet121
 
-from common.config import Config, ModelConfig
+from common.config import NORMS, Config, ModelConfig
 from common.labels import BIRADS_TARGETS
 from common.runtime import seed_everything
 
@@ -31,7 +31,6 @@ GRAY_STD = 0.226
 """ImageNet's mean over its RGB standard deviations (0.229, 0.224, 0.225)."""
 TRUNK_FEATURES = 1024
 """Channels of DenseNet-121's last feature map."""
-NORMS = ("batch", "group")
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 # torchvision's own ImageNet files name dense-layer modules the old way ("norm.1"); this is the pattern

@@ -181,9 +181,9 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: l
     ("toml", "message"),
     [
         ("sites = 2\ntrain = [5, 5, 5]\ntest = [2, 2]",
-         "[synth] train of {} has 3 value(s) but there are 2 sites"),
-        ('sites = "2"', "[synth] sites of {} must be a whole number >= 1; got '2'"),
-        ("sites = 1\ntrain = [5]\ntest = [-1]", "[synth] test of {} must be a whole number >= 0; got -1"),
+         "{} [synth] train = [5, 5, 5]: expected 2 values, one per site (sites = 2)"),
+        ('sites = "2"', "{} [synth] sites = '2': expected an integer"),
+        ("sites = 1\ntrain = [5]\ntest = [-1]", "{} [synth] test = [-1]: each must be >= 0"),
         ("sites = 1\ntrain = [5]\ntest = [1]\nscale = 0.1\nspeed = 2", "unknown key(s) speed"),
     ],
 )
