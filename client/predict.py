@@ -26,8 +26,8 @@ from client.evaluate import Predictions, metrics, predict
 from client.prepare import PreparedSite, prepare_files, prepare_site
 from client.train import load_weights
 from common.atomic import write_atomic
-from common.checkpoint import config_of, flat_config, load_checkpoint
-from common.config import Config, load_config
+from common.checkpoint import config_of, load_checkpoint
+from common.config import Config, flat_config, load_config
 from common.model import BIRADS_CLASSES, build_model
 from common.runtime import set_threads
 

@@ -33,7 +33,6 @@ from common.checkpoint import (
     Checkpoint,
     CheckpointError,
     config_of,
-    flat_config,
     latest_checkpoint,
     load_checkpoint,
     mark_latest,
@@ -43,7 +42,7 @@ from common.checkpoint import (
     resume_problems,
     save_checkpoint,
 )
-from common.config import Config, TrainConfig, config_dict, load_config
+from common.config import Config, TrainConfig, config_dict, flat_config, load_config
 from common.model import MultiTaskLoss, build_model
 from common.runtime import seed_everything, set_threads
 
@@ -73,11 +72,9 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
 
 def scheduled_lr(train: TrainConfig, done: float) -> float:
     """The learning rate of an epoch that starts when fraction `done` of the run's epochs is done."""
-    if train.lr_schedule == "constant":
+    if train.lr_schedule == "constant":  # the config allows constant or cosine (`common.config`)
         return train.lr
-    if train.lr_schedule == "cosine":
-        return train.lr * 0.5 * (1 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
-    raise ValueError(f"train.lr_schedule must be 'constant' or 'cosine'; got {train.lr_schedule!r}")
+    return train.lr * 0.5 * (1 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
 
 
 def planned_steps(exams: int, batch_size: int, epochs: int, steps: int | None) -> int:

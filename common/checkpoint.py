@@ -153,12 +153,6 @@ RUNTIME_SETTINGS = frozenset({"train.num_threads", "train.device", "data.workers
 """Config settings that change how fast, or where, the weights are computed, not what they are."""
 
 
-def flat_config(config: Config) -> dict[str, Any]:
-    """The config as `section.key` → value."""
-    return {f"{section}.{key}": value for section, values in config_dict(config).items()
-            for key, value in values.items()}
-
-
 def length_dependence(config: Config) -> str | None:
     """Why the run's planned length changes what its first epochs or rounds compute, or None."""
     if config.train.lr_schedule != "constant":

@@ -32,6 +32,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """`train.precision`: autocast dtype (`client.device.resolve_runtime`)."""
 BALANCES = ("pos_weight", "sampler", "none")
 """`train.balance`: class-imbalance handling (`client.data.pos_weight`, `client.data.epoch_order`)."""
+GENERATED_2D = ("avoid", "prefer", "only")
+"""`data.generated_2d`: which image fills a view when a study holds an acquired and a generated 2D image
+(synthesized from tomosynthesis) of the same breast and projection (`common.exams.pair_exams`)."""
 
 
 def _rule(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
@@ -60,6 +63,11 @@ class DataConfig:
     """Processes decoding DICOM in parallel (a count); 0 = one per CPU core."""
     cache_dir: str | None = _rule(None)
     """Folder (a path) where preprocessed views are cached; default: `<output>/cache`."""
+    generated_2d: str = _rule("avoid", choices=GENERATED_2D)
+    """Generated 2D views (Image Type value 4 GENERATED_2D: a synthesized 2D image such as C-View, made from
+    the tomosynthesis) next to acquired ones of the same breast and projection: `avoid` keeps the acquired
+    image, a generated one only where no acquired one exists; `prefer` keeps the generated one; `only`
+    uses generated views alone and rejects acquired ones ("acquired 2D view")."""
 
 
 @dataclass
@@ -338,3 +346,9 @@ def parse_config(text: str, source: str = "the federation's config") -> Config:
 def config_dict(config: Config) -> dict[str, Any]:
     """The config as plain JSON values (tuples become lists), as checkpoints and reports store it."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def flat_config(config: Config) -> dict[str, Any]:
+    """The config as `section.key` → value."""
+    return {f"{section}.{key}": value for section, values in config_dict(config).items()
+            for key, value in values.items()}

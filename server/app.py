@@ -175,7 +175,7 @@ def main(grid: Grid, context: Context) -> None:
     set_threads(1)
     settings = Settings.from_run_config(context.run_config)
     config_text = settings.config_path.read_text()
-    config = parse_config(config_text)
+    config = parse_config(config_text, str(settings.config_path))
     if problems := settings.config_problems(config):
         raise ValueError("run config: " + "; ".join(problems))
     strategy = make_strategy(settings, config)

@@ -27,14 +27,13 @@ from common.atomic import write_atomic
 from common.checkpoint import (
     RUNTIME_SETTINGS,
     CheckpointError,
-    flat_config,
     latest_checkpoint,
     load_checkpoint,
     mark_latest,
     resume_problems,
     save_checkpoint,
 )
-from common.config import parse_config
+from common.config import flat_config, parse_config
 from common.model import initial_model
 from common.preprocess import VERSION as INPUTS_VERSION
 from common.protocol import WEIGHTS, pack_weights, unpack_weights
@@ -102,16 +101,17 @@ def restore_strategy_state(strategy: Strategy, tensors: Mapping[str, torch.Tenso
             setattr(strategy, attr, [values[k] for k in keys] if attr == "momentum_vector" else values)
 
 
-def _run_settings(run_config: Mapping[str, Any], config_text: str) -> dict[str, Any]:
+def _run_settings(run_config: Mapping[str, Any], config_text: str, source: str) -> dict[str, Any]:
     """The run config and the fedmammo config's settings, by name, as resume compares them."""
-    return {**run_config, **{_CONFIG + k: v for k, v in flat_config(parse_config(config_text)).items()}}
+    config = parse_config(config_text, source)
+    return {**run_config, **{_CONFIG + k: v for k, v in flat_config(config).items()}}
 
 
 def start(settings: Settings, run_config: Mapping[str, Any], config_text: str, strategy: Strategy
           ) -> RunState:
     """A new run, or with `resume` the last complete round's checkpoint (refused unless the resumed run
     ends exactly as an uninterrupted one with these settings would)."""
-    config = parse_config(config_text)
+    config = parse_config(config_text, str(settings.config_path))
     model = initial_model(config)
     keys = exchanged_keys(model, settings.batchnorm)
     latest = latest_checkpoint(settings.out / "checkpoints")
@@ -130,13 +130,14 @@ def start(settings: Settings, run_config: Mapping[str, Any], config_text: str, s
                               f"{meta.get('inputs', 1)}; this fedmammo makes version {INPUTS_VERSION}: "
                               "choose another out-dir")
     try:
-        stored = _run_settings(meta["run-config"], meta["fedmammo-config"])
+        stored = _run_settings(meta["run-config"], meta["fedmammo-config"], f"{latest} (stored config)")
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{latest}: the run's stored settings cannot be read ({exc})") from exc
     # The config file may move (its settings are compared one by one); train.epochs is not a federated
     # run's length (num-server-rounds is).
     free = RESUMABLE | {"config"} | {_CONFIG + k for k in (*RUNTIME_SETTINGS, "train.epochs")}
-    problems = resume_problems(stored, _run_settings(run_config, config_text), length="num-server-rounds",
+    current = _run_settings(run_config, config_text, str(settings.config_path))
+    problems = resume_problems(stored, current, length="num-server-rounds",
                                config=config, free=free)
     if problems:
         raise ValueError(f"{latest}: cannot resume exactly: the run was started with {'; '.join(problems)}; "

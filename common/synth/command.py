@@ -49,9 +49,6 @@ def _spec(args: argparse.Namespace) -> CohortSpec:
     scale, where = _setting(args, synth, "scale")
     if isinstance(scale, bool) or not isinstance(scale, int | float):
         raise ValueError(f"{where} must be a number; got {scale!r}")
-    if isinstance(synth.conspicuity, bool) or not isinstance(synth.conspicuity, int | float) \
-            or synth.conspicuity <= 0:
-        raise ValueError(f"[synth] conspicuity must be a number > 0; got {synth.conspicuity!r}")
     readers = tuple(parse_reader(text) for text in args.reader) if args.reader else DEFAULT_READERS
     return CohortSpec(**counts, seed=_whole(*_setting(args, synth, "seed"), minimum=0), scale=float(scale),
                       readers=readers, conspicuity=float(synth.conspicuity))
