@@ -134,3 +134,26 @@ def test_optimizer_state_round_trip_continues_identically(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="optimizer state does not fit"):
         restore_optimizer(torch.optim.AdamW(nn.Linear(2, 2).parameters()), checkpoint,
                           checkpoint.metadata["optimizer"])
+
+
+def test_one_resume_rule_for_both_trainers():
+    """`resume_problems`: what `fedmammo train --resume` and a federated run's resume share. A run is
+    resumed only where it ends as an uninterrupted one would: its length may change with a constant
+    learning rate, not with a cosine schedule or DP-SGD calibrated to a target ε."""
+    from common.checkpoint import resume_problems
+    from common.config import Config
+
+    constant, cosine, private = Config(), Config(), Config()
+    cosine.train.lr_schedule = "cosine"
+    private.privacy.dp_sgd, private.privacy.target_epsilon = True, 8.0
+    stored = {"train.epochs": 10, "train.lr": 3e-4, "train.num_threads": 1}
+    longer = {**stored, "train.epochs": 20, "train.num_threads": 2}
+    assert resume_problems(stored, longer, length="train.epochs", config=constant) == []
+    [problem] = resume_problems(stored, longer, length="train.epochs", config=cosine)
+    assert problem.startswith("train.epochs = 10 (now 20): the cosine learning-rate schedule spans")
+    [problem] = resume_problems(stored, longer, length="train.epochs", config=private)
+    assert "DP-SGD's noise is calibrated to spend target_epsilon" in problem
+    assert resume_problems(stored, {**stored, "train.lr": 1e-3}, length="train.epochs",
+                           config=constant) == ["train.lr = 0.0003 (now 0.001)"]
+    assert resume_problems(stored, {**stored, "extra": 1}, length="train.epochs",
+                           config=constant) == ["extra = None (now 1)"]
