@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from datetime import datetime
 from pathlib import Path
@@ -242,14 +243,14 @@ def main() -> int:
         end = os.getloadavg()
         stamp = datetime.now().strftime("%Y-%m-%d %H:%M")
         with open(args.results, "a") as f:
-            f.write(f"\n## Dataset import (issue 14) — `python bench/bench_import.py --exams {args.exams}`"
-                    f"\n\nMeasured {stamp} on the 2-core machine, load {load[0]:.1f} at the start and "
+            text = (f"Measured {stamp} on the 2-core machine, load {load[0]:.1f} at the start and "
                     f"{end[0]:.1f} at the end. Each format's fixture in its published layout (tiny 64×48 "
                     "DICOM, one distinct file per image; CBIS-DDSM also one crop and one ROI mask per image, "
                     "which the importer skips). `import` and `check` each in a fresh process, as a user runs "
                     "them (`check` with the default config: every image decoded and preprocessed to 256×192 "
-                    "by the worker pool; no cache). No image is copied: OUT holds only the CSVs.\n\n"
-                    + table + "\n")
+                    "by the worker pool; no cache). No image is copied: OUT holds only the CSVs.")
+            f.write(f"\n## Dataset import (issue 14) — `python bench/bench_import.py --exams {args.exams}`"
+                    f"\n\n{textwrap.fill(text, 105)}\n\n{table}\n")
     return 0
 
 
