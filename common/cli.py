@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, metavar="F",
                    help="share of patients in test where the dataset has no split (default 0.2)")
     p.add_argument("--sites-by", metavar="KEY",
-                   help="rsna: site_id (default) or machine_id; vindr, cmmd: manufacturer (default: one site)")
+                   help="rsna: site_id (default) or machine_id; vindr, cmmd: manufacturer (default: one "
+                        "site)")
     p.add_argument("--force", action="store_true", help="write into a non-empty OUT")
 
     p = sub.add_parser("check", help="inventory a site folder before it joins a federation")
