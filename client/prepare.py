@@ -73,7 +73,8 @@ class PreparedSite:
     rejections: list[Rejection] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     """Inventory for reports: files, views (mammography views read), exams_labelled, exams_complete
-    (CC and MLO found), exams_usable."""
+    (CC and MLO found), exams_usable; views_acquired and views_generated: the acquired and the generated 2D
+    images among the usable exams' views (`[data] generated_2d` chooses between them)."""
     warnings: list[str] = field(default_factory=list)
     """What is usable but suspicious (a DICOM PatientID that contradicts its label row)."""
     labelled: bool = True
@@ -260,15 +261,15 @@ class _Cache:
         write_atomic(file, buffer.getvalue())
 
 
-    def site_key(self, root: Path, config: Config) -> str | None:
-        """The key of a whole prepared site: every file's path, size and modification time, labels.csv's
-        and images.csv's (or their absence), and the settings that shape the arrays. None when there is no
-        cache or a file vanished."""
+    def site_key(self, root: Path, files: Sequence[Path], config: Config) -> str | None:
+        """The key of a whole prepared site: every file's path, size and modification time (those the
+        manifest lists outside the folder too), labels.csv's and images.csv's (or their absence), and the
+        settings that shape the arrays. None when there is no cache or a file vanished."""
         if self.folder is None:
             return None
         digest = hashlib.sha256(f"{_KEY_VERSION}\0{self.size}\0{config.data.bilateral}".encode())
         try:
-            for path in [root / LABELS_FILE, root / MANIFEST_FILE, *site_files(root, skip=[self.folder])]:
+            for path in [root / LABELS_FILE, root / MANIFEST_FILE, *files]:
                 stat = path.stat() if path.exists() or path.name not in (LABELS_FILE, MANIFEST_FILE) else None
                 digest.update(f"\0{path.resolve()}\0{stat and (stat.st_size, stat.st_mtime_ns)}".encode())
         except OSError:
@@ -334,15 +335,15 @@ def prepare_site(root: Path, config: Config, cache_dir: str | Path | None = None
         raise ValueError(f"{root}: not a folder")
     folder = config.data.cache_dir or cache_dir
     cache = _Cache(Path(folder) if folder else None, config.data.image_size)
+    listed, rejected = read_manifest(root)
+    files = with_listed(site_files(root, skip=[cache.folder] if cache.folder else []), listed)
     # Every federated message prepares the site anew (Flower starts a process per message): with nothing
     # changed since the last time, the whole result is one file, not a header read per DICOM file.
-    key = cache.site_key(root, config)
+    key = cache.site_key(root, files, config)
     if (kept := cache.load_site(root, key)) is not None:
         return kept
     labelled = (root / LABELS_FILE).exists()
     labels, rejections = read_labels(root / LABELS_FILE) if labelled else (None, [])
-    listed, rejected = read_manifest(root)
-    files = with_listed(site_files(root, skip=[cache.folder] if cache.folder else []), listed)
     site = _prepare(root.name, files, labels, listed, config, cache, progress, rejections + rejected)
     cache.store_site(root, key, site)
     return site
@@ -379,7 +380,7 @@ def _prepare(name: str, files: Sequence[Path], labels: dict[str, ExamLabel] | No
         else:
             resolved.append(header if result is None else replace(header, laterality=result[0]))
 
-    exams, rejected = pair_exams(resolved, labels, config.data.bilateral)
+    exams, rejected = pair_exams(resolved, labels, config.data.bilateral, config.data.generated_2d)
     rejections += rejected
     needed = sorted({p for exam in exams for p in exam.paths} - set(decoded))
     decoded |= _decode(needed, listed, config, cache, progress, f"{name}: decoding")
@@ -398,8 +399,12 @@ def _prepare(name: str, files: Sequence[Path], labels: dict[str, ExamLabel] | No
     for i, exam in enumerate(usable):
         for j, path in enumerate(exam.paths):
             views[i, j] = decoded[path][1]
+    generated = {h.path for h in resolved if h.generated}
+    used = [p for exam in usable for p in exam.paths]
     counts = {"files": len(files), "views": len(headers), "exams_labelled": len(labels or {}),
-              "exams_complete": len(exams), "exams_usable": len(usable)}
+              "exams_complete": len(exams), "exams_usable": len(usable),
+              "views_acquired": sum(p not in generated for p in used),
+              "views_generated": sum(p in generated for p in used)}
     warnings = patient_mismatches(usable, {h.path: h.patient_id for h in resolved}) if labels else []
     return PreparedSite(name, [e.exam_id for e in usable], views, [e.label for e in usable], rejections,
                         counts, warnings, labels is not None)

@@ -133,3 +133,14 @@ def test_a_dicom_patient_id_that_contradicts_the_labels_is_a_warning(site: Path,
     assert "1 exam(s) whose DICOM PatientID differs" in prepared.warnings[0]
     assert "CASE 7_R: labels.csv 'case7', DICOM 'someone-else'" in prepared.warnings[0]
     assert Listed("CASE 7", "R", "CC", "someone-else") in read_manifest(site)[0].values()
+
+
+def test_the_site_cache_notices_a_listed_file_outside_the_folder_changing(site: Path, tmp_path: Path) -> None:
+    config = _config()
+    config.data.cache_dir = str(tmp_path / "cache")
+    before = prepare_site(site, config, progress=False)
+    outside = tmp_path / "dataset" / "c.dcm"
+    _stripped(outside, "R", "CC", seed=30)  # the dataset's file replaced in place
+    after = prepare_site(site, config, progress=False)
+    assert not np.array_equal(before.views[1, 0], after.views[1, 0])
+    np.testing.assert_array_equal(before.views[0], after.views[0])
