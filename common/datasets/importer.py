@@ -247,6 +247,23 @@ def side(value: str) -> str | None:
     return {"L": "L", "LEFT": "L", "R": "R", "RIGHT": "R"}.get(value.strip().upper())
 
 
+def image_row(row: Row, key: str, laterality: str, view: str, imported: Imported) -> tuple[str, str] | None:
+    """A per-image CSV row's (laterality, view), or None with the reason counted: the exam key `key` and
+    `image_id` must be given, the laterality L/R and the view CC or MLO."""
+    side_ = side(row[laterality])
+    projection = row[view].upper()
+    if not row[key] or not row["image_id"]:
+        imported.skipped.add(f"row without {key} or image_id", row.where)
+    elif side_ is None:
+        imported.skipped.add("row with laterality not L or R", f"{row.where} ({row[laterality]!r})")
+    elif projection not in VIEWS:
+        imported.skipped.add(f"view {projection or 'empty'}: not CC or MLO",
+                             f"{row.where} (image {row['image_id']})")
+    else:
+        return side_, projection
+    return None
+
+
 def number(value: str) -> int | None:
     """An integer cell ('1', '1.0'); None when empty or not a whole number."""
     try:

@@ -16,7 +16,6 @@ from collections import defaultdict
 from pathlib import Path
 
 from common.datasets.importer import (
-    VIEWS,
     Breast,
     DatasetError,
     Image,
@@ -25,9 +24,9 @@ from common.datasets.importer import (
     Tally,
     absolute,
     agreed,
+    image_row,
     number,
     read_csv,
-    side,
 )
 
 DESCRIPTION = "RSNA Screening Mammography Breast Cancer Detection: train.csv + train_images/"
@@ -50,17 +49,9 @@ def read(src: Path, options: Options, progress: bool = False) -> Imported:
     imported = Imported("rsna", {}, [], Tally(), official_split=False, site_label=site_column)
     rows_of: dict[tuple[str, str], list] = defaultdict(list)
     for row in table.rows:
-        patient, image_id, laterality, view = row["patient_id"], row["image_id"], side(row["laterality"]), \
-            row["view"].upper()
-        if not patient or not image_id:
-            imported.skipped.add("row without patient_id or image_id", row.where)
+        if (checked := image_row(row, "patient_id", "laterality", "view", imported)) is None:
             continue
-        if laterality is None:
-            imported.skipped.add("row with laterality not L or R", f"{row.where} ({row['laterality']!r})")
-            continue
-        if view not in VIEWS:
-            imported.skipped.add(f"view {view or 'empty'}: not CC or MLO", f"{row.where} (image {image_id})")
-            continue
+        (laterality, view), patient, image_id = checked, row["patient_id"], row["image_id"]
         cancer, biopsy = number(row["cancer"]), number(row["biopsy"])
         if cancer not in (0, 1) or biopsy not in (0, 1):
             imported.skipped.add("row with cancer or biopsy not 0/1", row.where)

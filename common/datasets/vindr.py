@@ -16,7 +16,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from common.datasets.importer import (
-    VIEWS,
     Breast,
     DatasetError,
     Image,
@@ -25,6 +24,7 @@ from common.datasets.importer import (
     Tally,
     absolute,
     agreed,
+    image_row,
     read_csv,
     side,
 )
@@ -52,17 +52,9 @@ def read(src: Path, options: Options, progress: bool = False) -> Imported:
     rows_of: dict[tuple[str, str], list] = defaultdict(list)
     sites: dict[tuple[str, str], Counter] = defaultdict(Counter)
     for row in table.rows:
-        study, image_id, laterality, view = row["study_id"], row["image_id"], side(row["laterality"]), \
-            row["view_position"].upper()
-        if not study or not image_id:
-            imported.skipped.add("row without study_id or image_id", row.where)
+        if (checked := image_row(row, "study_id", "laterality", "view_position", imported)) is None:
             continue
-        if laterality is None:
-            imported.skipped.add("row with laterality not L or R", f"{row.where} ({row['laterality']!r})")
-            continue
-        if view not in VIEWS:
-            imported.skipped.add(f"view {view or 'empty'}: not CC or MLO", f"{row.where} (image {image_id})")
-            continue
+        (laterality, view), study, image_id = checked, row["study_id"], row["image_id"]
         if row["split"].lower() not in SPLITS:
             imported.skipped.add("split not 'training' or 'test'", f"{row.where} ({row['split']!r})")
             continue
