@@ -1,21 +1,30 @@
 """`fedmammo check DIR`: what a site runs before joining a federation.
 
 It prepares the site exactly as training does (`client.prepare.prepare_site`, so what check accepts is what
-training uses) and reports: files and exams found, complete and usable; per split, the exams carrying each
+training uses) and reports: files and exams found, complete and usable; how many of the usable exams' views
+are acquired and how many generated 2D images (`[data] generated_2d`); per split, the exams carrying each
 target (a pathology, a 2–5 BI-RADS read) and their balance; warnings (a patient in several splits, a DICOM
 PatientID that contradicts its label row); every rejected file, label row or exam with its reason. Exit
 status 0 when some exam is usable, 1 when none is, 2 when the folder, its labels file or the config cannot
 be used at all.
+
+`--views OUT` also writes what the model sees: each usable exam's model input, one 8-bit greyscale PNG per
+view at the configured image size, `<exam_id>_<VIEW>.png` (`write_views`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from client.prepare import PreparedSite, prepare_site
 from common.atomic import write_atomic
@@ -24,6 +33,8 @@ from common.labels import SPLITS
 
 DENSITIES = ("a", "b", "c", "d", "")
 """BI-RADS densities, and "" for unknown."""
+VIEW_NAMES = ("CC", "MLO", "CONTRA_CC", "CONTRA_MLO")
+"""The views of `PreparedSite.views` in order (the contralateral ones with `bilateral = true`)."""
 
 
 def split_table(site: PreparedSite) -> dict[str, dict[str, Any]]:
@@ -95,6 +106,8 @@ def summary(data: dict[str, Any]) -> str:
         f"Exams: {counts['exams_labelled']} labelled, {counts['exams_complete']} complete (CC + MLO), "
         f"{counts['exams_usable']} usable"
         + ("" if data["labelled"] else " (no labels.csv: exams are scored, not trained on or evaluated)"),
+        f"Views of usable exams: {counts.get('views_acquired', 0)} acquired 2D, "
+        f"{counts.get('views_generated', 0)} generated 2D (synthesized from tomosynthesis)",
         "",
         "| split | exams | benign | malignant | no pathology | BI-RADS 2–5 | density a/b/c/d/unknown "
         "| symptomatic |",
@@ -105,6 +118,9 @@ def summary(data: dict[str, Any]) -> str:
         lines.append(f"| {split} | {row['exams']} | {row['benign']} | {row['malignant']} | "
                      f"{row['no_pathology']} | {row['birads_target']} | {density} | {row['symptomatic']} |")
     lines += [f"warning: {w}" for w in data["warnings"]]
+    if "views" in data:
+        written = sum(len(names) for names in data["views"]["files"].values())
+        lines += ["", f"Model inputs: {written} PNG files in {data['views']['folder']}"]
     rejections = data["rejections"]
     lines += ["", f"Rejected: {len(rejections)}"]
     for kind, n in Counter(r["kind"] for r in rejections).most_common():
@@ -112,6 +128,37 @@ def summary(data: dict[str, Any]) -> str:
     for r in rejections:
         lines.append(f"  {r['source']}: {r['reason']}")
     return "\n".join(lines)
+
+
+def safe_name(exam_id: str) -> str:
+    """`exam_id` as a file name: every character but ASCII letters, digits, '.', '-' and '_' becomes '_'
+    (a manifest's study key may hold '/' or spaces), and so does a leading '.'."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", exam_id)
+    return "_" + name[1:] if name.startswith(".") else name
+
+
+def write_views(site: PreparedSite, out: Path) -> dict[str, list[str]]:
+    """Each usable exam's model input as 8-bit greyscale PNGs in `out` (created), one per view,
+    `<exam_id>_<VIEW>.png` with `safe_name(exam_id)`; two exams whose safe names collide are told apart by
+    a hash of the exam id (`<name>-<8 hex digits>`). Returns exam id → its file names."""
+    from PIL import Image  # matplotlib's dependency; only --views needs it
+
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, list[str]] = {}
+    used: set[str] = set()
+    for exam_id, views in zip(site.exam_ids, site.views, strict=True):
+        name = safe_name(exam_id)
+        if name in used:
+            name = f"{name}-{hashlib.sha256(exam_id.encode()).hexdigest()[:8]}"
+        used.add(name)
+        files[exam_id] = []
+        for view, pixels in zip(VIEW_NAMES, views, strict=False):
+            grey = np.round(np.clip(pixels.astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(grey).save(buffer, format="PNG")
+            write_atomic(out / f"{name}_{view}.png", buffer.getvalue(), durable=False)
+            files[exam_id].append(f"{name}_{view}.png")
+    return files
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,6 +170,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     data = report(site, root)
+    if getattr(args, "views", None):
+        try:
+            folder = Path(args.views)
+            data["views"] = {"folder": str(folder.resolve()), "files": write_views(site, folder)}
+        except OSError as exc:
+            print(f"error: {args.views}: cannot write the views: {exc}", file=sys.stderr)
+            return 2
     print(summary(data))
     if args.json:
         try:

@@ -267,7 +267,8 @@ class _Cache:
         settings that shape the arrays. None when there is no cache or a file vanished."""
         if self.folder is None:
             return None
-        digest = hashlib.sha256(f"{_KEY_VERSION}\0{self.size}\0{config.data.bilateral}".encode())
+        digest = hashlib.sha256(f"{_KEY_VERSION}\0{self.size}\0{config.data.bilateral}\0"
+                                f"{config.data.generated_2d}".encode())
         try:
             for path in [root / LABELS_FILE, root / MANIFEST_FILE, *files]:
                 stat = path.stat() if path.exists() or path.name not in (LABELS_FILE, MANIFEST_FILE) else None

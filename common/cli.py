@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="site folder: DICOM files (any depth) and labels.csv")
     p.add_argument("--config", help="TOML config ([data] section)")
     p.add_argument("--json", help="write the full report as JSON here")
+    p.add_argument("--views", metavar="OUT",
+                   help="also write what the model sees: each usable exam's model input, one 8-bit PNG per "
+                        "view at the configured size, OUT/<exam_id>_<VIEW>.png (VIEW: CC, MLO, CONTRA_CC, "
+                        "CONTRA_MLO); characters of the exam id other than letters, digits, '.', '-', '_' "
+                        "become '_'")
 
     p = sub.add_parser("train", help="train the model locally on one or more site folders")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="site folder(s); several are pooled")

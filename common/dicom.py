@@ -6,7 +6,14 @@ greyscale frame; and any single-frame greyscale image that a site's manifest lis
 digitized film, Secondary Capture, stripped headers), which takes the manifest's study, laterality and
 view. Everything else raises `DicomError(path, reason)`; a reason starts with its kind ('not DICOM',
 'not MG', 'no laterality', 'no view', 'unsupported view', 'unsupported image', 'codec missing', 'pixel data
-unreadable', ...), then a colon and the detail, so that reports can group them.
+unreadable', ...), then a colon and the detail, so that reports can group them. The other objects of a
+mammography study are told by their SOP class (`NOT_2D_KINDS`): 'tomosynthesis' (Breast Tomosynthesis
+Image, Breast Projection X-Ray Image), 'CAD result' (Mammography CAD SR and the other CAD SRs), 'structured
+report', 'presentation state'.
+
+A generated 2D image (Image Type value 4 GENERATED_2D: a 2D view synthesized from the tomosynthesis, e.g.
+C-View) is a 2D mammogram like an acquired one; `Header.generated` says which it is, and
+`common.exams.pair_exams` chooses between them (`[data] generated_2d`).
 
 Pixels (`read_view`), in DICOM's order:
 
@@ -44,6 +51,7 @@ names one).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +65,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.uid import UID
 from pydicom.uid import (
     DigitalMammographyXRayImageStorageForPresentation as MG_FOR_PRESENTATION,
 )
@@ -66,6 +75,16 @@ from pydicom.uid import (
 
 from common.manifest import Listed
 from common.preprocess import chest_wall_side
+
+NOT_2D_KINDS: tuple[tuple[str, str], ...] = (
+    ("1.2.840.10008.5.1.4.1.1.13.1.", "tomosynthesis"),
+    ("1.2.840.10008.5.1.4.1.1.88.", "structured report"),
+    ("1.2.840.10008.5.1.4.1.1.11.", "presentation state"),
+)
+"""SOP class UID prefix → rejection kind of the objects that share a mammography study's folders but are no
+2D image: Breast Tomosynthesis Image (.13.1.3) and Breast Projection X-Ray Image (.13.1.4 / .13.1.5)
+storage; structured reports ('CAD result' for CAD SRs: Mammography CAD SR .88.50, ...); Grayscale Softcopy
+and the other presentation states."""
 
 MAX_SIDE = 10_000
 """Largest accepted Rows or Columns: real detectors reach ~6000 (50 µm over 30 cm)."""
@@ -119,6 +138,9 @@ class Header:
     for_processing: bool
     pixel_spacing: tuple[float, float] | None
     """(row, column) spacing in mm: PixelSpacing, else ImagerPixelSpacing."""
+    generated: bool = False
+    """A generated 2D image (Image Type value 4 GENERATED_2D, synthesized from a tomosynthesis acquisition),
+    not an acquired one."""
 
     @property
     def rank(self) -> int:
@@ -131,7 +153,7 @@ class View(Header):
     """A decoded view. `laterality` is always set; `pixels` is float32 (rows, columns) in [0, 1], higher =
     denser, chest wall at column 0, at the file's full resolution and precision."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray = dataclasses.field(kw_only=True)
 
 
 def _dcmread(path: Path, header_only: bool) -> Dataset:
@@ -240,6 +262,26 @@ def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
     return None
 
 
+def _generated(ds: Dataset) -> bool:
+    """Image Type value 4 (or, leniently, any value after the second) is GENERATED_2D."""
+    return "GENERATED_2D" in _text(ds, "ImageType").split("\\")[2:]
+
+
+def _not_2d_reason(sop_class: str) -> str | None:
+    """The rejection reason of a study's object that is no 2D image (`NOT_2D_KINDS`), from its SOP class."""
+    kind = next((kind for prefix, kind in NOT_2D_KINDS if sop_class.startswith(prefix)), None)
+    if kind is None:
+        return None
+    name = UID(sop_class).name
+    if kind == "structured report" and "CAD" in name:
+        kind = "CAD result"
+    detail = {"tomosynthesis": "not a 2D mammogram (a tomosynthesis object)",
+              "CAD result": "a computer-aided detection report, not an image",
+              "structured report": "a report, not an image",
+              "presentation state": "display settings for other images, not an image"}[kind]
+    return f"{kind}: SOP class {name}: {detail}"
+
+
 def _listed_header(ds: Dataset, path: Path, listed: Listed) -> Header:
     """A manifest-listed image: its header need only be one greyscale frame of an image."""
     samples, frames = int(ds.get("SamplesPerPixel") or 1), int(ds.get("NumberOfFrames") or 1)
@@ -257,16 +299,19 @@ def _listed_header(ds: Dataset, path: Path, listed: Listed) -> Header:
         projection=listed.view,
         for_processing=_text(ds, "PresentationIntentType") == "FOR PROCESSING",
         pixel_spacing=_pixel_spacing(ds),
+        generated=_generated(ds),
     )
 
 
 def _header(ds: Dataset, path: Path, listed: Listed | None = None) -> Header:
     if listed is not None:
         return _listed_header(ds, path, listed)
+    sop_class = ds.get("SOPClassUID") or getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID")
+    if sop_class and (reason := _not_2d_reason(str(sop_class))) is not None:
+        raise DicomError(path, reason)
     modality = _text(ds, "Modality")
     if modality != "MG":
         raise DicomError(path, f"not MG: Modality is {modality or 'missing'}")
-    sop_class = ds.get("SOPClassUID") or getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID")
     if sop_class not in (MG_FOR_PRESENTATION, MG_FOR_PROCESSING):
         name = getattr(sop_class, "name", sop_class) or "missing"
         raise DicomError(path, f"not MG: SOP class {name} is not Digital Mammography X-Ray Image Storage")
@@ -285,6 +330,7 @@ def _header(ds: Dataset, path: Path, listed: Listed | None = None) -> Header:
         for_processing=(sop_class == MG_FOR_PROCESSING
                         or _text(ds, "PresentationIntentType") == "FOR PROCESSING"),
         pixel_spacing=_pixel_spacing(ds),
+        generated=_generated(ds),
     )
 
 

@@ -3,6 +3,11 @@
 `scan_files` reads every file's header (no pixel data); `pair_exams` groups the views per StudyInstanceUID
 and laterality, attaches the labels and, with `bilateral`, the other breast's views. Whatever cannot be
 used becomes a `Rejection`.
+
+A combination study (2D views and tomosynthesis in one visit) may hold an acquired and a generated 2D image
+(`Header.generated`: synthesized from the tomosynthesis, e.g. C-View) of the same breast and projection;
+`generated_2d` (`[data] generated_2d`) says which one fills the view: `avoid` (default) the acquired one,
+`prefer` the generated one, `only` the generated one alone (acquired images are rejected).
 """
 
 from __future__ import annotations
@@ -99,14 +104,35 @@ def _other(laterality: str) -> str:
     return "R" if laterality == "L" else "L"
 
 
-def _choose(candidates: list[Header], exam: str, view: str, rejections: list[Rejection]) -> Header:
-    """One image for a view, deterministically: the standard projection before substitutes, For
-    Presentation before For Processing, then the first path."""
-    ordered = sorted(candidates, key=lambda h: (h.rank, h.for_processing, str(h.path)))
+def _kind(header: Header) -> str:
+    return "generated 2D" if header.generated else "acquired 2D"
+
+
+def _choose(candidates: list[Header], exam: str, view: str, rejections: list[Rejection],
+            generated_2d: str = "avoid") -> Header | None:
+    """One image for a view, deterministically: the standard projection before substitutes, then acquired
+    before generated 2D (`generated_2d` 'avoid') or generated before acquired ('prefer'), For Presentation
+    before For Processing, then the first path. With 'only', acquired images are rejected, and None is
+    returned when no generated one is left."""
+    if generated_2d not in ("avoid", "prefer", "only"):
+        raise ValueError(f"generated_2d must be avoid, prefer or only, not {generated_2d!r}")
+    if generated_2d == "only":
+        for header in candidates:
+            if not header.generated:
+                rejections.append(Rejection(str(header.path), "acquired 2D view: generated_2d = only "
+                                                              f"(the {view} of exam {exam})"))
+        candidates = [h for h in candidates if h.generated]
+        if not candidates:
+            return None
+    acquired_first = generated_2d == "avoid"
+    ordered = sorted(candidates, key=lambda h: (h.rank, h.generated == acquired_first, h.for_processing,
+                                                str(h.path)))
+    kept = ordered[0]
     for other in ordered[1:]:
         rejections.append(Rejection(str(other.path), f"several images: {view} of exam {exam} has several; "
-                                                     f"kept {ordered[0].path}"))
-    return ordered[0]
+                                                     f"kept {kept.path} ({_kind(kept)}) over this "
+                                                     f"{_kind(other)} image"))
+    return kept
 
 
 def unlabelled(headers: Iterable[Header]) -> dict[str, ExamLabel]:
@@ -121,9 +147,10 @@ def unlabelled(headers: Iterable[Header]) -> dict[str, ExamLabel]:
 
 
 def pair_exams(headers: Iterable[Header], labels: Mapping[str, ExamLabel] | None,
-               bilateral: bool = False) -> tuple[list[Exam], list[Rejection]]:
+               bilateral: bool = False, generated_2d: str = "avoid") -> tuple[list[Exam], list[Rejection]]:
     """Exams of the labelled breasts, in label order, from views whose laterality is known; with `labels`
-    None (a folder without labels.csv), of every breast the views show (`unlabelled`).
+    None (a folder without labels.csv), of every breast the views show (`unlabelled`). Of several images
+    of one view, `_choose` keeps one (`generated_2d`: see the module docstring).
 
     Rejected: label rows without images, exams lacking CC or MLO (or, with `bilateral`, the other breast's
     CC or MLO), surplus images of a view, and images of breasts with no label row whose other breast has
@@ -145,7 +172,8 @@ def pair_exams(headers: Iterable[Header], labels: Mapping[str, ExamLabel] | None
         key = study, laterality
         if key not in chosen:
             found = groups.get(key, {})
-            chosen[key] = {v: _choose(h, exam_id(*key), v, rejections) for v, h in found.items()}
+            picks = {v: _choose(h, exam_id(*key), v, rejections, generated_2d) for v, h in found.items()}
+            chosen[key] = {v: h for v, h in picks.items() if h is not None}
         return chosen[key]
 
     exams = []
@@ -159,8 +187,10 @@ def pair_exams(headers: Iterable[Header], labels: Mapping[str, ExamLabel] | None
         missing = [v for v in ("CC", "MLO") if v not in own]
         if missing:
             found = ", ".join(f"{v} {h.path}" for v, h in own.items())
+            only = [v for v in missing if v in groups[label.study_uid, label.laterality]]
+            why = f"; its acquired {' and '.join(only)} rejected: generated_2d = only" if only else ""
             rejections.append(Rejection(key, f"incomplete exam: no {' or '.join(missing)} view "
-                                             f"(has {found})"))
+                                             f"(has {found or 'none'}){why}"))
             continue
         contra = views_of(label.study_uid, _other(label.laterality)) if bilateral else {}
         missing = [f"{_other(label.laterality)} {v}" for v in ("CC", "MLO") if bilateral and v not in contra]

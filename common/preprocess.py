@@ -10,6 +10,13 @@ scale its own way, so the same tissue reaches the model at other intensities fro
 shared by the sites then fits the largest site's scale. `harmonize` maps landmarks of the breast's own
 grey levels onto fixed levels (not edge enhancement, a spatial filter that the resize to the model's size
 mostly smooths away).
+
+The crop keeps the breast only: burned-in markers ("L MLO"), labels and rulers are separate bright regions,
+and a scanner's border or a digitized film's clear edge is a frame of uniform lines around the image. The
+frame is cut off first (`frame`), the breast is the largest region brighter than the background that
+reaches the left or right edge (the chest wall), its holes filled (`breast_mask`), and the crop is its
+bounding box with everything outside the breast (and a one-block margin) set to 0, the background, so that
+a marker inside the box does not survive (`crop_to_breast`).
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ import math
 import numpy as np
 from scipy import ndimage
 
-VERSION = 2
-"""Of the model inputs that reading and preprocessing make (2: grey levels harmonised). Bumped whenever a
+VERSION = 3
+"""Of the model inputs that reading and preprocessing make (2: grey levels harmonised; 3: the crop keeps the
+breast only, markers, labels, rulers and scanner borders set to background). Bumped whenever a
 change alters them: cached views and trained weights record it, and weights trained on other inputs are
 refused rather than fed inputs they never saw."""
 MASK_SIDE = 256
@@ -39,6 +47,13 @@ match: equalising every decile squeezes the sparse bright tail, where a lesion l
 contrast."""
 MIN_BREAST_PIXELS = 64
 """Fewer breast pixels than this (no breast found) leave the grey levels as they are."""
+FRAME_MAX = 0.08
+"""Most of the image height or width, per side, that `frame` may cut off as a scanner border."""
+FRAME_TOLERANCE = 0.05
+FRAME_SHARE = 0.98
+"""An outer row or column is part of a frame when this share of its pixels lies within `FRAME_TOLERANCE`
+of its median: a scanner's bed, a film's clear or black edge. A line through the breast is not uniform;
+one that grazes the nipple's tip or the skin line may be, and costs at most that graze."""
 
 
 def background_threshold(values: np.ndarray, bins: int = 128) -> float:
@@ -60,45 +75,119 @@ def background_threshold(values: np.ndarray, bins: int = 128) -> float:
     return float(edges[peak + (fallen[0] if fallen.size else otsu - peak)])
 
 
-def breast_mask(pixels: np.ndarray) -> tuple[np.ndarray, int]:
-    """The breast on a coarse grid: the largest connected region brighter than the background.
+def _uniform(line: np.ndarray) -> bool:
+    return line.size > 0 and float(np.mean(np.abs(line - np.median(line)) <= FRAME_TOLERANCE)) >= FRAME_SHARE
 
-    Returns the boolean mask and the stride it was computed at (mask pixel (i, j) is image pixel
-    (i·stride, j·stride)). Keeping the largest component drops burned-in markers and labels.
-    """
+
+def frame(small: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right): the image inside its frame, the outer rows and columns that are uniform
+    (see `FRAME_SHARE`), at most `FRAME_MAX` of the image per side. Rows and columns are cut in turn until
+    neither changes, so that a frame of several bands (a scanner's black bed, then a film's clear edge)
+    comes off band by band although each row of one band crosses the others' columns."""
+    rows, cols = small.shape
+    most_rows, most_cols = int(FRAME_MAX * rows), int(FRAME_MAX * cols)
+    top, bottom, left, right = 0, rows, 0, cols
+    while True:
+        before = top, bottom, left, right
+        while top < most_rows and _uniform(small[top, left:right]):
+            top += 1
+        while rows - bottom < most_rows and _uniform(small[bottom - 1, left:right]):
+            bottom -= 1
+        while left < most_cols and _uniform(small[top:bottom, left]):
+            left += 1
+        while cols - right < most_cols and _uniform(small[top:bottom, right - 1]):
+            right -= 1
+        if (top, bottom, left, right) == before:
+            return top, bottom, left, right
+
+
+def _edge_strip(width: int) -> int:
+    return max(1, round(width * EDGE_STRIP))
+
+
+def locate_breast(pixels: np.ndarray) -> tuple[np.ndarray, int, tuple[int, int, int, int]]:
+    """`breast_mask`, and the `frame` it was found in (mask pixels: top, bottom, left, right)."""
     stride = max(1, math.ceil(max(pixels.shape) / MASK_SIDE))
     small = np.asarray(pixels[::stride, ::stride], dtype=np.float32)
+    mask = np.zeros(small.shape, dtype=bool)
     if small.max() <= small.min():
-        return np.zeros(small.shape, dtype=bool), stride
-    components, count = ndimage.label(small > background_threshold(small))
+        return mask, stride, (0, small.shape[0], 0, small.shape[1])
+    box = top, bottom, left, right = frame(small)
+    inner = small[top:bottom, left:right]
+    if inner.max() <= inner.min():
+        return mask, stride, box
+    components, count = ndimage.label(inner > background_threshold(inner))
     if count == 0:
-        return np.zeros(small.shape, dtype=bool), stride
+        return mask, stride, box
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
-    return components == int(sizes.argmax()), stride
+    strip = _edge_strip(inner.shape[1])
+    at_edge = np.zeros(count + 1, dtype=bool)
+    at_edge[components[:, :strip]] = at_edge[components[:, -strip:]] = True
+    at_edge[0] = False
+    if at_edge.any():
+        sizes[~at_edge] = 0
+    mask[top:bottom, left:right] = ndimage.binary_fill_holes(components == int(sizes.argmax()))
+    return mask, stride, box
+
+
+def breast_mask(pixels: np.ndarray) -> tuple[np.ndarray, int]:
+    """The breast on a coarse grid: inside the `frame`, the largest connected region brighter than the
+    background that reaches the left or right edge (the chest wall; the largest of all when none does),
+    its holes filled.
+
+    Returns the boolean mask and the stride it was computed at (mask pixel (i, j) is image pixel
+    (i·stride, j·stride)). Burned-in markers, labels and rulers are regions of their own and are left out
+    (one that touches the breast is not).
+    """
+    mask, stride, _ = locate_breast(pixels)
+    return mask, stride
 
 
 def chest_wall_side(pixels: np.ndarray) -> str | None:
-    """'left' or 'right': the image edge the breast touches (the chest wall); None when unclear."""
-    mask, _ = breast_mask(pixels)
-    strip = max(1, round(mask.shape[1] * EDGE_STRIP))
-    left = float(mask[:, :strip].any(axis=1).mean())
-    right = float(mask[:, -strip:].any(axis=1).mean())
-    if abs(left - right) < SIDE_MARGIN:
+    """'left' or 'right': the image edge the breast touches (the chest wall), inside the image's `frame`;
+    None when unclear."""
+    mask, _, (top, bottom, left, right) = locate_breast(pixels)
+    inner = mask[top:bottom, left:right]
+    strip = _edge_strip(inner.shape[1])
+    left_cover = float(inner[:, :strip].any(axis=1).mean())
+    right_cover = float(inner[:, -strip:].any(axis=1).mean())
+    if abs(left_cover - right_cover) < SIDE_MARGIN:
         return None
-    return "left" if left > right else "right"
+    return "left" if left_cover > right_cover else "right"
 
 
-def crop_to_breast(pixels: np.ndarray, mask: np.ndarray, stride: int) -> np.ndarray:
-    """The bounding box of the breast (a view, no copy) given `breast_mask(pixels)`; the whole image when
-    no breast is found."""
+def crop_box(shape: tuple[int, ...], mask: np.ndarray, stride: int,
+             inside: tuple[int, int, int, int] | None = None) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) in image pixels of the breast's bounding box given `breast_mask`, one mask
+    block wider on every side so that the skin line is not cut, but not into the `frame` `inside` (in mask
+    pixels) when given; None when no breast was found."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:
+        return None
+    top, bottom, left, right = inside or (0, mask.shape[0], 0, mask.shape[1])
+    return (max(top, rows[0] - 1) * stride, min(shape[0], min(bottom, rows[-1] + 2) * stride),
+            max(left, cols[0] - 1) * stride, min(shape[1], min(right, cols[-1] + 2) * stride))
+
+
+def crop_to_breast(pixels: np.ndarray, mask: np.ndarray, stride: int,
+                   inside: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """The breast's `crop_box` given `breast_mask(pixels)` (and the `frame` it was found `inside`), with
+    everything farther than one mask block from the breast, or in the frame, set to 0: a copy in which a
+    marker or label inside the box is gone. The whole image when no breast is found."""
+    box = crop_box(pixels.shape, mask, stride, inside)
+    if box is None:
         return pixels
-    # A mask pixel stands for a stride×stride block: extend by one block so the skin line is not cut.
-    top, bottom = max(0, (rows[0] - 1) * stride), min(pixels.shape[0], (rows[-1] + 2) * stride)
-    left, right = max(0, (cols[0] - 1) * stride), min(pixels.shape[1], (cols[-1] + 2) * stride)
-    return pixels[top:bottom, left:right]
+    top, bottom, left, right = box
+    keep = ndimage.binary_dilation(mask, structure=np.ones((3, 3), bool))
+    if inside is not None:
+        within = np.zeros_like(keep)
+        within[inside[0]:inside[1], inside[2]:inside[3]] = True
+        keep &= within
+    # Image pixel (r, c) lies in mask block (r // stride, c // stride); the box starts on a block.
+    keep = keep[top // stride:(bottom - 1) // stride + 1, left // stride:(right - 1) // stride + 1]
+    keep = np.repeat(np.repeat(keep, stride, axis=0), stride, axis=1)[:bottom - top, :right - left]
+    return np.where(keep, pixels[top:bottom, left:right], np.float32(0.0)).astype(np.float32, copy=False)
 
 
 def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -151,6 +240,6 @@ def preprocess_view(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     Harmonised after the resize: the same mapping, applied to ~100× fewer pixels.
     """
-    mask, stride = breast_mask(pixels)
+    mask, stride, inside = locate_breast(pixels)
     breast = np.asarray(pixels[::stride, ::stride])[mask]
-    return np.clip(harmonize(fit(crop_to_breast(pixels, mask, stride), size), breast), 0.0, 1.0)
+    return np.clip(harmonize(fit(crop_to_breast(pixels, mask, stride, inside), size), breast), 0.0, 1.0)

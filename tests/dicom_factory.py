@@ -221,3 +221,148 @@ def write_site(root: Path, n_exams: int = 6, *, bilateral: bool = False,
     write_labels(root, rows)
     return rows
 
+
+
+_GLYPHS = {  # 5×3 strokes of the letters a marker burns in
+    "L": ["X..", "X..", "X..", "X..", "XXX"], "R": ["XX.", "X.X", "XX.", "X.X", "X.X"],
+    "M": ["X.X", "XXX", "X.X", "X.X", "X.X"], "O": ["XXX", "X.X", "X.X", "X.X", "XXX"],
+    "C": ["XXX", "X..", "X..", "X..", "XXX"], " ": ["...", "...", "...", "...", "..."],
+}
+
+
+def burn_in(image: np.ndarray, text: str, top: int, left: int, unit: int, value: float = 0.97) -> np.ndarray:
+    """Burn `text` ('L MLO', ...) into `image` as a unit burns its laterality and view marker: block letters
+    `unit` pixels per stroke, at `value`. Returns the marker's pixels (a boolean mask of `image`)."""
+    marker = np.zeros(image.shape, dtype=bool)
+    for i, char in enumerate(text):
+        for r, line in enumerate(_GLYPHS[char]):
+            for c, stroke in enumerate(line):
+                if stroke == "X":
+                    y, x = top + r * unit, left + (4 * i + c) * unit
+                    marker[y:y + unit, x:x + unit] = True
+    image[marker] = value
+    return marker
+
+
+def _mirrored_burn_in(image: np.ndarray, laterality: str, text: str, top: float, left: float,
+                      unit: int) -> tuple[np.ndarray, np.ndarray]:
+    """`image` (chest wall at the left) as DICOM displays `laterality`, with `text` burned in readable
+    at (`top`, `left`), fractions of the canonical image. Returns the image and the marker's pixels."""
+    rows, cols = image.shape
+    if laterality == "R":
+        image = image[:, ::-1].copy()
+        left = 1.0 - left - (4 * len(text) - 1) * unit / cols
+    return image, burn_in(image, text, round(top * rows), round(left * cols), unit)
+
+
+def film(rows: int = 600, cols: int = 480, laterality: str = "L", seed: int = 0, marker: bool = True,
+         ruler: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A digitized screen-film mammogram (an MLO, higher = denser) as a scanner stores it: a black scanner
+    bed around the film, the film's clear (bright) edge, a grey, uneven exposed background (0.3–0.5: a
+    gradient and blotches), the breast against the film's edge on the chest-wall side, a burned-in bright
+    'L MLO' marker in the background beside the breast, inside its bounding box, and a ruler (bright, with
+    ticks) along the far side. Mirrored for a right breast, as DICOM displays it.
+
+    Returns the image in [0, 1] and the regions' pixels: 'breast', 'marker', 'ruler', 'border' (the bed and
+    the film's edge)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    bed = (y < 0.02 * rows) | (y >= 0.97 * rows) | (x < 0.02 * cols) | (x >= 0.97 * cols)
+    edge = ~bed & ((y < 0.035 * rows) | (y >= 0.955 * rows) | (x < 0.035 * cols) | (x >= 0.955 * cols))
+    blotches = ndimage.zoom(rng.random((4, 4)).astype(np.float32), (rows / 4, cols / 4), order=3)
+    background = 0.3 + 0.12 * (y / rows + x / cols) / 2 + 0.08 * np.clip(blotches[:rows, :cols], 0.0, 1.0)
+    image = np.where(bed, 0.0, np.where(edge, 0.92, background))
+    x0 = 0.035 * cols  # the film's edge: the chest wall
+    radius2 = ((y / rows - 0.52) / 0.36) ** 2 + ((x - x0) / cols / 0.55) ** 2
+    breast = (radius2 < 1.0) & (x >= x0)
+    thickness = np.sqrt(np.clip(1.0 - radius2, 0.0, 1.0))
+    texture = ndimage.zoom(rng.random((12, 10)).astype(np.float32), (rows / 12, cols / 10), order=1)
+    image = np.where(breast, background + 0.18 + 0.2 * thickness + 0.12 * texture[:rows, :cols], image)
+    image = np.clip(image + rng.normal(0.0, 0.008, image.shape), 0.0, 1.0).astype(np.float32)
+    regions = {"breast": breast, "border": bed | edge, "ruler": np.zeros(image.shape, dtype=bool)}
+    unit = max(2, rows // 150)
+    if ruler:
+        top, bottom = round(0.3 * rows), round(0.85 * rows)
+        left, right = round(0.86 * cols), round(0.9 * cols)
+        regions["ruler"][top:bottom, left:right] = True
+        image[top:bottom, left:right] = 0.8
+        image[top:bottom:max(2, rows // 60), left:right - unit] = 1.0  # the ticks
+    if laterality == "R":
+        regions = {k: v[:, ::-1].copy() for k, v in regions.items()}
+    image, regions["marker"] = _mirrored_burn_in(image, laterality, f"{laterality} MLO" if marker else "",
+                                                 0.19, 0.42, unit)
+    return image, regions
+
+
+def marked_phantom(rows: int = 300, cols: int = 240, laterality: str = "L", view: str = "MLO",
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`phantom` as a digital unit stores it: a bright burned-in marker ('L MLO', 'R CC', ...) in the black
+    background beside the breast, inside its bounding box. Returns the image and the marker's pixels."""
+    unit = max(2, rows // 100)
+    return _mirrored_burn_in(phantom(rows, cols, "L", view, seed), laterality, f"{laterality} {view}",
+                             0.2 if view == "MLO" else 0.16, 0.5 if view == "MLO" else 0.55, unit)
+
+
+TOMOSYNTHESIS = "1.2.840.10008.5.1.4.1.1.13.1.3"
+BREAST_PROJECTION = "1.2.840.10008.5.1.4.1.1.13.1.4"
+MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
+
+
+def study_object(sop_class: str, *, study: str, patient: str = "P1", laterality: str = "L",
+                 name: str = "") -> Dataset:
+    """A non-image object of a mammography study, header only, as pydicom writes it: a Breast Tomosynthesis
+    Image (multi-frame, Modality MG) or Breast Projection X-Ray Image, an SR (Modality SR: Mammography CAD
+    SR, Basic Text SR) or a presentation state (Modality PR)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = UID(sop_class)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = uid(study, sop_class, laterality, name)
+    ds.PatientID, ds.PatientName = patient, f"Test^{patient}"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, uid(study, "series", sop_class)
+    if sop_class.startswith("1.2.840.10008.5.1.4.1.1.13.1."):
+        ds.Modality, ds.ImageLaterality = "MG", laterality
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "TOMOSYNTHESIS", "NONE"]
+        frames = np.stack([to_stored(phantom(32, 24, laterality, "CC", seed=i)) for i in range(5)])
+        ds.NumberOfFrames, (ds.Rows, ds.Columns) = len(frames), frames.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = frames.astype(np.uint16).tobytes()
+    elif sop_class.startswith("1.2.840.10008.5.1.4.1.1.88."):
+        ds.Modality, ds.ValueType = "SR", "CONTAINER"
+        concept = Dataset()
+        concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = (
+            "111036", "DCM", "Mammography CAD Report")
+        ds.ConceptNameCodeSequence = DicomSequence([concept])
+    else:
+        ds.Modality = "PR"
+        ds.ContentLabel, ds.PresentationLUTShape = "CVIEW", "IDENTITY"
+    return ds
+
+
+def combination_study(root: Path, study: str, laterality: str, *, patient: str = "P1", seed: int = 0,
+                      generated: bool = True, acquired: bool = True) -> dict[str, list[Path]]:
+    """One breast of a combination study as a unit stores it: the acquired CC and MLO (Image Type ORIGINAL,
+    PRIMARY), the generated 2D CC and MLO synthesized from the tomosynthesis (Image Type DERIVED, PRIMARY,
+    '', GENERATED_2D, as C-View), the tomosynthesis itself (multi-frame), a Mammography CAD SR and a
+    Grayscale Softcopy Presentation State. Returns the paths by kind: 'acquired', 'generated' (CC, MLO
+    each), 'tomosynthesis', 'cad', 'presentation state'."""
+    paths: dict[str, list[Path]] = {"acquired": [], "generated": []}
+    folder = root / patient / study
+    for i, view in enumerate(("CC", "MLO")):
+        for kind, image_type, offset in (("acquired", ["ORIGINAL", "PRIMARY", ""], 0),
+                                         ("generated", ["DERIVED", "PRIMARY", "", "GENERATED_2D"], 100)):
+            if not (acquired if kind == "acquired" else generated):
+                continue
+            stored = to_stored(phantom(64, 48, laterality, view, seed + i + offset))
+            ds = mg_dataset(stored, study=study, patient=patient, laterality=laterality, view=view,
+                            sop=uid(study, laterality, view, kind))
+            ds.ImageType = image_type
+            paths[kind].append(save(ds, folder / f"{laterality}_{view}_{kind}.dcm"))
+    for kind, sop_class in (("tomosynthesis", TOMOSYNTHESIS), ("cad", MAMMOGRAPHY_CAD_SR),
+                            ("presentation state", GSPS)):
+        ds = study_object(sop_class, study=study, patient=patient, laterality=laterality)
+        paths[kind] = [save(ds, folder / f"{laterality}_{kind.replace(' ', '_')}.dcm")]
+    return paths

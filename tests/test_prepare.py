@@ -66,7 +66,7 @@ def test_every_exam_in_label_order_with_its_views(tmp_path: Path) -> None:
     assert [x.birads for x in site.labels] == [5, 3, 3, 5, 3, 3]
     assert site.rejections == []
     assert site.counts == {"files": 12, "views": 12, "exams_labelled": 6, "exams_complete": 6,
-                           "exams_usable": 6}
+                           "exams_usable": 6, "views_acquired": 12, "views_generated": 0}
     train = site.split("train")
     assert train.exam_ids == [site.exam_ids[0], site.exam_ids[3]]
     np.testing.assert_array_equal(train.views[1], site.views[3])
