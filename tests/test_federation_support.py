@@ -1,16 +1,16 @@
 """Shared pieces of the federation tests (no tests here): a small synthetic cohort made once per session,
 a tiny federation config, the sites' prediction files, and an in-process Grid.
 
-The in-process Grid hands the ServerApp's messages straight to the real ClientApp (the same objects
-`flwr run` loads), one SuperNode context per site, so the server's and the client's code run unchanged
-without Ray or a SuperLink; only the transport is left out, and the slow tests cover that.
+The in-process Grid hands the ServerApp's messages to the real ClientApp (the same objects `flwr run`
+loads), one SuperNode context per site, so the server's and the client's code run unchanged without Ray or
+a SuperLink. Each message, each reply and each site's Context goes through Flower's own serialisation on
+the way, as over the network, so neither side ever holds the other's objects; the network itself is left
+out, and the slow tests cover it.
 """
 
 from __future__ import annotations
 
 import csv
-import itertools
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.app.message import remove_content_from_message
+from flwr.common.constant import MESSAGE_TTL_TOLERANCE
+from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.server.utils.validator import validate_message
 from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
@@ -72,17 +79,52 @@ def truth_and(rows: list[dict[str, str]], column: str) -> tuple[np.ndarray, np.n
     return np.array([r["malignant"] == "1" for r in rows]), np.array([float(r[column]) for r in rows])
 
 
+def through_flower(message: Message, *, reply: bool) -> Message:
+    """`message` as its receiver gets it over a SuperLink: checked as the SuperLink checks it, then every
+    object of it deflated to bytes and inflated again (Flower's own object serialisation, what travels
+    between ServerApp, SuperLink, SuperNode and ClientApp), so the receiver holds a fresh copy, metadata
+    included. The sender's side gets its message id set as `HttpGrid.push_messages` and the ClientApp
+    runtime's `push_message` set it: the message's object id."""
+    message.metadata.__dict__["_message_id"] = message.object_id
+    # what the SuperLink stores and routes by: the message without its content, through protobuf
+    header = message_from_proto(ProtoMessage.FromString(
+        message_to_proto(remove_content_from_message(message)).SerializeToString()))
+    errors = validate_message(header, is_reply_message=reply)
+    if errors:
+        raise AssertionError(f"the SuperLink would refuse this {'reply' if reply else 'message'}: {errors}")
+    contents = {object_id: obj.deflate() for object_id, obj in get_all_nested_objects(message).items()}
+    received = inflate_object_from_contents(message.object_id, contents)
+    assert isinstance(received, Message)
+    received.metadata.__dict__["_message_id"] = header.metadata.message_id
+    return received
+
+
+def check_reply(reply: Message, instruction: Message) -> None:
+    """What the SuperLink's `store_message_res` checks before it keeps a reply (it drops one that fails)."""
+    ins, res = instruction.metadata, reply.metadata
+    problems = [what for what, wrong in (
+        ("reply_to_message_id is not the instruction's id", res.reply_to_message_id != ins.message_id),
+        ("src_node_id is not the instruction's dst_node_id", res.src_node_id != ins.dst_node_id),
+        ("run_id differs", res.run_id != ins.run_id),
+        ("TTL outlives the instruction",
+         res.ttl - (ins.created_at + ins.ttl - res.created_at) > MESSAGE_TTL_TOLERANCE)) if wrong]
+    if problems:
+        raise AssertionError(f"the SuperLink would drop this reply: {problems}")
+
+
 class InProcessGrid(Grid):
     """A Grid whose SuperNodes are the real ClientApp called in this process; `fail` names sites whose
-    ClientApp raises, as a crashed site would."""
+    ClientApp raises, as a crashed site would. Every message to a site and every reply goes through
+    Flower's serialisation (`through_flower`), and so does the site's Context, as the ClientApp process
+    gets it from its SuperNode and hands it back: nothing is shared between the two sides."""
 
     def __init__(self, run_config: dict[str, Any], sites: int, fail: Iterable[int] = ()) -> None:
         self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i,
                                           "num-partitions": sites}, state=RecordDict(), run_config=run_config)
                          for i in range(sites)}
         self.fail = {100 + i for i in fail}
-        self.ids = itertools.count(1)
         self.sent: list[Message] = []
+        """The messages as the sites received them."""
 
     def set_run(self, run_id: int) -> None:
         raise NotImplementedError
@@ -106,19 +148,23 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []
         for message in messages:
-            meta = message.metadata
-            delivered = Message(content=message.content, metadata=Metadata(
-                run_id=1, message_id=str(next(self.ids)), src_node_id=1, dst_node_id=meta.dst_node_id,
-                reply_to_message_id="", group_id=meta.group_id, created_at=time.time(), ttl=meta.ttl,
-                message_type=meta.message_type, src_task_id=1, dst_task_id=2))
+            node = message.metadata.dst_node_id
+            if node not in self.contexts:
+                raise AssertionError(f"message to node {node}, which is not connected")
+            delivered = through_flower(message, reply=False)
             self.sent.append(delivered)
+            context = context_from_proto(context_to_proto(self.contexts[node]))
             try:
-                if meta.dst_node_id in self.fail:
+                if node in self.fail:
                     raise RuntimeError("site down")
-                replies.append(client_app(delivered, self.contexts[meta.dst_node_id]))
+                answer = client_app(delivered, context)
+                self.contexts[node] = context_from_proto(context_to_proto(context))
             except Exception as exc:  # what Flower does with a ClientApp's exception
                 error = Error(code=0, reason=f"{type(exc).__name__}: {exc}")
-                replies.append(Message(error, reply_to=delivered))
+                answer = Message(error, reply_to=delivered)
+            reply = through_flower(answer, reply=True)
+            check_reply(reply, delivered)
+            replies.append(reply)
         return replies
 
 

@@ -107,6 +107,7 @@ def run(sites, config, tmp_path_factory):
     return list(RecordingGrid.received), [r.getMessage() for r in records], out
 
 
+@pytest.mark.slow  # the `run` fixture: a whole in-process run with evaluation and query (~1 min)
 def test_training_replies_hold_only_the_exchanged_weights_and_metrics(run, config):
     replies, _, _ = run
     train = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
@@ -123,6 +124,7 @@ def test_training_replies_hold_only_the_exchanged_weights_and_metrics(run, confi
                                                  "epsilon"}
 
 
+@pytest.mark.slow
 def test_evaluation_and_query_replies_hold_only_metrics_and_summaries(run):
     replies, _, out = run
     kinds = {r.metadata.message_type for r in replies}
@@ -149,6 +151,7 @@ def test_evaluation_and_query_replies_hold_only_metrics_and_summaries(run):
         assert not [v for v in vectors if any(len(v) == len(c) and np.allclose(v, c) for c in per_case)]
 
 
+@pytest.mark.slow
 def test_no_dicom_value_patient_key_or_exam_id_in_anything_sent_or_logged(run, sites):
     replies, log_lines, out = run
     exams = {row.split(",")[0] for path in out.glob("sites/*/runs/*/predictions/*.csv")

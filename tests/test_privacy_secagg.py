@@ -4,7 +4,6 @@ receives holds a site's update."""
 
 from __future__ import annotations
 
-import copy
 import json
 from typing import ClassVar
 
@@ -26,13 +25,13 @@ from server.state import exchanged_keys
 
 
 class RecordingGrid(InProcessGrid):
-    """Keeps every reply the center receives. Each site gets its own copy of a message, as over the
-    network: SecAgg+ sends one content object to every site, and its client mod edits it."""
+    """Keeps every reply the center receives. (SecAgg+ sends one content object to every site, and its
+    client mod edits it: each site gets its own copy, deserialised, as over the network.)"""
 
     received: ClassVar[list[Message]] = []
 
     def send_and_receive(self, messages, *, timeout=None):
-        replies = super().send_and_receive([copy.deepcopy(m) for m in messages], timeout=timeout)
+        replies = super().send_and_receive(messages, timeout=timeout)
         self.received.extend(replies)
         return replies
 
@@ -62,6 +61,7 @@ def plain(sites, config, tmp_path_factory):
     return initial, updates, examples
 
 
+@pytest.mark.slow  # two in-process runs, 15–25 s each on 2 cores
 def test_a_secagg_round_gives_the_weighted_mean_and_the_center_sees_no_single_update(plain, sites, config,
                                                                                      tmp_path):
     initial, updates, examples = plain
@@ -94,6 +94,7 @@ def test_a_secagg_round_gives_the_weighted_mean_and_the_center_sees_no_single_up
             assert abs(np.corrcoef(vector, update)[0, 1]) < 0.01
 
 
+@pytest.mark.slow
 def test_secagg_with_central_dp_masks_updates_the_sites_clipped_and_adds_the_noise(plain, sites, config,
                                                                                    tmp_path):
     initial, updates, _ = plain
