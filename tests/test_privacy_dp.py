@@ -144,7 +144,7 @@ def test_central_dp_settings_are_checked(sites, config, group_config, tmp_path):
     base = {"num-server-rounds": 1, "local-steps": 1, "out-dir": str(tmp_path)}
     with pytest.raises(ValueError, match="dp-sampled-sites must be"):
         run_in_process(sites, {**base, "config": group_config, "central-dp": "server-fixed"})
-    with pytest.raises(ValueError, match="central-dp 'local' is not one of"):
+    with pytest.raises(ValueError, match="central-dp = 'local': expected one of none"):
         run_in_process(sites, {**base, "config": group_config, "central-dp": "local"})
     with pytest.raises(ValueError, match="BatchNorm's running variances"):
         run_in_process(sites, {**base, "config": config, "central-dp": "server-fixed", "dp-sampled-sites": 3})

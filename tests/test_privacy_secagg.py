@@ -118,7 +118,7 @@ def test_secagg_with_central_dp_masks_updates_the_sites_clipped_and_adds_the_noi
     ({"min-nodes": 2}, "secagg needs min-nodes >= 3"),
     ({"strategy": "median"}, "strategy 'median' needs single updates"),
     ({"central-dp": "server-fixed"}, "secagg combines only with central-dp = 'client-fixed'"),
-    ({"secagg-clipping-range": 0.0}, "secagg-clipping-range must be > 0"),
+    ({"secagg-clipping-range": 0.0}, "secagg-clipping-range = 0.0: must be > 0"),
 ])
 def test_secagg_refuses_settings_it_cannot_serve(change, problem, config, tmp_path):
     run = {**app_defaults(), "config": config, "out-dir": str(tmp_path), "min-nodes": 3, "secagg": True,
