@@ -57,7 +57,7 @@ from server.report import write_report
 from server.sanity import screen_updates
 from server.secagg import secure_round
 from server.settings import Settings
-from server.state import RunState, checkpoint_writer, start, write_metrics
+from server.state import RunState, align_strategy, checkpoint_writer, start, write_metrics
 from server.strategy import make_strategy, weighting
 
 app = ServerApp()
@@ -136,6 +136,7 @@ def _train_round(grid: Grid, context: Context, settings: Settings, config_text: 
     task = TrainInstruction(fedmammo_config=config_text, run_token=state.token, weight_keys=state.keys,
                             local_epochs=settings.local_epochs, local_steps=settings.local_steps,
                             num_server_rounds=settings.rounds, central_dp=settings.central_dp)
+    align_strategy(strategy, state.arrays)
     messages = list(strategy.configure_train(server_round, state.arrays, task.record(), grid))
     ledger.configured(server_round, len(messages), strategy)
     if settings.secagg:  # the center sees only the mean of the updates (server.secagg)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from flwr.common import log
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import FedAvgM, Strategy
 from torch import nn
 
 from common.atomic import write_atomic
@@ -90,6 +90,15 @@ def strategy_state(strategy: Strategy, keys: list[str]) -> dict[str, torch.Tenso
             items = value.items() if isinstance(value, dict) else zip(keys, value, strict=True)
             tensors |= {f"{_STATE_PREFIX}{attr}::{k}": torch.tensor(np.asarray(v)) for k, v in items}
     return tensors
+
+
+def align_strategy(strategy: Strategy, arrays: ArrayRecord) -> None:
+    """Before a round: FedAvgM takes its pseudo-gradient against its own copy of the weights it last
+    returned, which is not the global model when a central DP wrapper noised them afterwards, nor after a
+    resume. The round's reference is the weights the sites are sent, as checkpointed."""
+    inner = getattr(strategy, "strategy", strategy)
+    if isinstance(inner, FedAvgM):
+        inner.current_arrays = arrays
 
 
 def restore_strategy_state(strategy: Strategy, tensors: Mapping[str, torch.Tensor], keys: list[str]) -> None:

@@ -11,7 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+)
 from test_federation_support import predictions, run_in_process, truth_and
 
 import server.state
@@ -25,7 +35,7 @@ from common.stats import auc_ci, delong_test
 from common.stats.scores import parse_scores
 from server.exchange import RoundError
 from server.settings import Settings
-from server.state import exchanged_keys
+from server.state import align_strategy, exchanged_keys
 from server.strategy import make_strategy
 
 
@@ -143,6 +153,18 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(sites, config, tmp_pat
     final = {r["exam_id"]: float(r[MODEL]) for r in predictions(tmp_path / "straight", 2)
              if r["exam_id"] in scored}
     assert len(scored) == 8 and scored == pytest.approx(final, abs=0.1 + 1e-9)  # the file keeps 1 decimal
+
+
+def test_fedavgm_steps_from_the_weights_sent():
+    """FedAvgM takes its pseudo-gradient against its own copy of the weights it last returned; a central
+    DP wrapper noises them after that copy was kept, and a resumed run holds only the checkpoint. The
+    reference must be what the sites are sent (`server.state.align_strategy`)."""
+    sent = ArrayRecord({WEIGHTS: Array(np.zeros(3, np.float32))})
+    for strategy in (FedAvgM(), DifferentialPrivacyServerSideFixedClipping(FedAvgM(), 1.0, 1.0, 2)):
+        inner = getattr(strategy, "strategy", strategy)
+        inner.current_arrays = ArrayRecord({WEIGHTS: Array(np.ones(3, np.float32))})  # noise-free copy
+        align_strategy(strategy, sent)
+        assert inner.current_arrays is sent
 
 
 def test_resume_refuses_another_round_count_under_a_cosine_schedule(sites, config, tmp_path):
