@@ -22,7 +22,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
-from common.protocol import ARRAYS, CONFIG, METRICS, SECAGG_WEIGHT, SITE, site_name
+from common.protocol import ARRAYS, CONFIG, METRICS, SITE, TrainInstruction, site_name
 
 
 def secagg_mod(weights: str) -> Mod:
@@ -47,7 +47,7 @@ def _as_train(weights: str, call_next: ClientAppCallable) -> Callable[[Message, 
         trained = reply.content[ARRAYS][weights].numpy()
         metrics = reply.content[METRICS]
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([trained - global_weights]),
-                        int(metrics[str(config[SECAGG_WEIGHT])]),
+                        int(metrics[TrainInstruction.parse(config).secagg_weight]),
                         {**metrics, SITE: site_name(reply)})
         return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 

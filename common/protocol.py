@@ -136,11 +136,13 @@ class TrainInstruction(RunInstruction):
     central_dp: str = "none"
     proximal_mu: float = 0.0
     """Added by FedProx."""
+    secagg_weight: str = ""
+    """Added in SecAgg+ rounds (`SECAGG_WEIGHT`): the train metric by which SecAgg+ weights the sites."""
     WHAT: ClassVar[str] = "train instruction"
 
     def record(self) -> ConfigRecord:
         """The ConfigRecord the strategy configures (it adds the round, and FedProx its mu)."""
-        added = ("server-round", "proximal-mu")
+        added = ("server-round", "proximal-mu", SECAGG_WEIGHT)
         return ConfigRecord({k: v for k, v in self.values().items() if k not in added})
 
 
