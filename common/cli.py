@@ -24,6 +24,7 @@ HANDLERS = {
     "federate": "server.launch:run",
     "certs": "server.certs:run",
     "superexec": "client.superexec:run",
+    "node": "client.node:run",
     "site-key": "server.certs:run_site_key",
 }
 
@@ -134,6 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root-certificates", help="CA of the Runtime API's TLS certificate (default: plain, "
                                                "for a Runtime API on 127.0.0.1)")
     p.add_argument("--parent-pid", type=int, help="stop when this process (the SuperNode) exits")
+
+    p = sub.add_parser("node", help="a hospital's SuperNode and warm SuperExec, supervised as one service")
+    p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the center's address")
+    p.add_argument("--ca", metavar="FILE", help="the center's ca.crt (default: the system's CAs)")
+    p.add_argument("--key", metavar="FILE", help="the site's private key from `fedmammo site-key` (where the "
+                                                 "center authenticates SuperNodes)")
+    p.add_argument("--data", required=True, metavar="DIR", help="the site folder (DICOM files, labels.csv)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the site's own output folder")
+    p.add_argument("--name", metavar="SITE", help="the site's name in reports (default: the data folder's)")
+    p.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only; no --ca/--key)")
+    p.add_argument("--runtime-port", type=int, metavar="PORT",
+                   help="the SuperNode's local Runtime API port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--no-warm", action="store_true", help="Flower's own ClientApp processes instead of "
+                                                          "`fedmammo superexec` (slower; for comparisons)")
+    p.add_argument("--log", metavar="FILE", help="also append every line here, timestamped")
+    p.add_argument("--systemd", action="store_true", help="print a systemd unit running this command; exit")
+    p.add_argument("--user", default="fedmammo", help="--systemd: the service's user (default fedmammo)")
 
     p = sub.add_parser("certs", help="make a CA and the SuperLink's TLS certificate")
     p.add_argument("out", help="folder for ca.crt, ca.key, server.pem, server.key")

@@ -49,6 +49,7 @@ OFFLINE_ENV = {
 }
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STARTED = re.compile(r"Successfully started run (\d+)")
+_NODE_STARTED = re.compile(r"^node\s+\| started \(", re.MULTILINE)
 
 
 class LaunchError(RuntimeError):
@@ -109,8 +110,10 @@ def write_connection(home: Path, name: str, address: str, root_certificates: Pat
 
 
 @contextlib.contextmanager
-def _process(command: list[str], env: Mapping[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    """Run `command` in its own process group, output to `log`; stop the group when the context ends."""
+def _process(command: list[str], env: Mapping[str, str], log: Path, grace_s: float = 10.0
+             ) -> Iterator[subprocess.Popen]:
+    """Run `command` in its own process group, output to `log`; stop the group when the context ends
+    (SIGTERM, SIGKILL after `grace_s`)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         process = subprocess.Popen(command, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
@@ -118,7 +121,7 @@ def _process(command: list[str], env: Mapping[str, str], log: Path) -> Iterator[
     try:
         yield process
     finally:
-        _stop_group(process)
+        _stop_group(process, grace_s)
 
 
 def _stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -187,28 +190,53 @@ def superlink_process(home: Path, *, port: int | None = None, simulation: bool =
         yield address, process
 
 
+NODE_CONFIG_OPTIONS = {"data-path": "--data", "output-path": "--out", "site-name": "--name"}
+"""The node config keys a site's ClientApp reads (`client.app`) and the `fedmammo node` option for each."""
+
+
 @contextlib.contextmanager
 def supernode(home: Path, superlink_address: str, node_config: Mapping[str, Any], *,
               root_certificates: Path, port: int | None = None, log: Path | None = None,
-              auth_key: Path | None = None, warm: bool = False) -> Iterator[subprocess.Popen]:
-    """A running `flower-supernode` dialling out to the SuperLink over TLS with its site's node config;
-    `auth_key` is the site's private key (`fedmammo site-key`) where the SuperLink authenticates nodes.
-    With `warm`, ClientApps start from `fedmammo superexec` (`client.superexec`: PyTorch pre-imported)."""
-    port = port or free_port()
-    command = [_executable("flower-supernode"), "--superlink", superlink_address,
-               "--root-certificates", str(root_certificates), "--port", str(port),
-               "--node-config", node_config_text(node_config)]
+              auth_key: Path | None = None, warm: bool = True) -> Iterator[subprocess.Popen]:
+    """A hospital's SuperNode as the hospital starts it: `fedmammo node` (`client.node`: the SuperNode,
+    dialling out to the SuperLink over TLS, and its warm SuperExec, supervised as one process), with the
+    site's `node_config` (`data-path`, `output-path`, `site-name`); `auth_key` is the site's private key
+    (`fedmammo site-key`) where the SuperLink authenticates nodes; `port` the SuperNode's local Runtime API
+    port (a free one by default). Without `warm`, Flower's own ClientApp processes (`--no-warm`).
+
+    Yields the `fedmammo node` process (its group holds only itself: each child leads its own group).
+    Leaving the context SIGTERMs it, which stops both children; its output, both children's lines
+    prefixed by their name, goes to `log` (default `home`/supernode.log). FLWR_HOME is `home`."""
+    unknown = sorted(set(node_config) - set(NODE_CONFIG_OPTIONS))
+    if unknown:
+        raise LaunchError(f"node config key(s) {', '.join(unknown)}: `fedmammo node` sets only "
+                          f"{', '.join(NODE_CONFIG_OPTIONS)}")
+    command = [_executable("fedmammo"), "node", "--superlink", superlink_address,
+               "--ca", str(root_certificates)]
+    for key, option in NODE_CONFIG_OPTIONS.items():
+        if key in node_config:
+            command += [option, str(node_config[key])]
     if auth_key is not None:
-        command += ["--auth-supernode-private-key", str(auth_key)]
-    if warm:
-        command += ["--isolation", "process"]
+        command += ["--key", str(auth_key)]
+    if port is not None:
+        command += ["--runtime-port", str(port)]
+    if not warm:
+        command.append("--no-warm")
     log = log or home / "supernode.log"
-    with _process(command, flower_env(home), log) as process, contextlib.ExitStack() as stack:
-        if warm:  # in its own process group, stopped before the SuperNode as the contexts unwind
-            stack.enter_context(_process([_executable("fedmammo"), "superexec", "--runtime-api-address",
-                                          f"127.0.0.1:{port}", "--parent-pid", str(process.pid)],
-                                         flower_env(home), log.with_name(f"{log.stem}-superexec.log")))
+    start = log.stat().st_size if log.exists() else 0
+    with _process(command, flower_env(home), log, grace_s=40.0) as process:
+        deadline = time.monotonic() + 60
+        while not _NODE_STARTED.search(_read_from(log, start)):  # its inputs checked, its children started
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise LaunchError(f"`fedmammo node` did not start: {_read_from(log, start).strip()[-2000:]}")
+            time.sleep(0.1)
         yield process
+
+
+def _read_from(path: Path, offset: int) -> str:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode("utf-8", "replace")
 
 
 def node_config_text(values: Mapping[str, Any]) -> str:

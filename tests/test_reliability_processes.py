@@ -1,8 +1,10 @@
-"""Faults with real Flower processes on loopback (a SuperLink and three SuperNodes over TLS, as deployed):
-a SuperNode killed mid-round or stopped past the round's timeout is named missing and rejoins; the center
-killed after a round's checkpoint resumes to the same final weights as an uninterrupted run, while the
-SuperNodes wait for it with back-off and need no restart; a soak of rounds with random kills and restarts
-loses no round. Every process is stopped by the test, and every wait has a time limit.
+"""Faults with real Flower processes on loopback (a SuperLink and three SuperNodes over TLS, as deployed:
+each hospital started with `fedmammo node`, its SuperNode and warm SuperExec supervised together): a
+hospital killed mid-round (power cut: the supervisor and everything below it) or frozen past the round's
+timeout (SIGSTOP of the whole tree) is named missing and rejoins; the center killed after a round's
+checkpoint resumes to the same final weights as an uninterrupted run, while the SuperNodes wait for it
+with back-off and need no restart; a soak of rounds with random kills and restarts loses no round. Every
+process is stopped by the test, and every wait has a time limit.
 
 Flower notices a SIGKILLed or stopped SuperNode only when its heartbeat expires (2 × 30 s, not configurable
 in flwr 1.41; the round then gets a "Node Unavailable" error for it); `round-timeout` bounds the wait too.
@@ -17,6 +19,7 @@ import os
 import random
 import re
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -26,6 +29,7 @@ from typing import Any
 
 import pytest
 import torch
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from test_federation_support import run_in_process
 
 from client.prepare import prepare_site
@@ -49,8 +53,8 @@ ROUND_TIMEOUT_S = 90
 """Longer than a healthy round here (15–50 s on 2 loaded cores, the sites' views cached), short enough to
 keep the tests bounded; where no site should be missing, the tests wait longer."""
 
-HEARTBEAT_SETTLE_S = 30
-"""After a SuperLink restart, long enough for every SuperNode's heartbeat retry to have reached it."""
+LINK_DOWN_S = 25
+"""How long the crashed center stays down (deliberately: the SuperNodes' retries back off meanwhile)."""
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -83,6 +87,25 @@ def descendants(pid: int) -> list[int]:
         found += (below := children.get(todo.pop(), []))
         todo += below
     return found
+
+
+def signal_tree(process: subprocess.Popen, sig: signal.Signals) -> None:
+    """`sig` to a process and everything below it (`fedmammo node`'s children lead their own groups)."""
+    for pid in [process.pid, *descendants(process.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def heartbeats_since(database: Path, since: float, nodes: int) -> bool:
+    """Whether `nodes` SuperNodes' heartbeats reached the SuperLink after wall-clock time `since`, by the
+    SuperLink's own record: its database's `node` table (Flower 1.42), where a heartbeat at t sets
+    online_until = t + HEARTBEAT_PATIENCE × 30 s. A record from before a crash at c (online_until <= c + 60)
+    stays below since + 45 when the SuperLink was down LINK_DOWN_S (>= 25 s) before `since`."""
+    patience = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10)) as db:
+        until = [row[0] or 0.0 for row in db.execute("SELECT online_until FROM node WHERE status != ?",
+                                                      ("unregistered",))]
+    return len(until) == nodes and min(until) >= since + patience - 15
 
 
 def kill_group(process: subprocess.Popen) -> None:
@@ -153,8 +176,7 @@ class Federation:
     def close(self) -> None:
         for name in list(self.nodes):
             stack, process = self.nodes.pop(name)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGCONT)  # a stopped group ignores SIGTERM until resumed
+            signal_tree(process, signal.SIGCONT)  # a stopped process ignores SIGTERM until resumed
             stack.close()
         self.stop_link()
 
@@ -203,20 +225,21 @@ def in_background(action: Callable[[], None]) -> tuple[threading.Thread, list[Ba
 
 
 def test_a_stopped_and_a_killed_site_are_missing_and_rejoin(federation, config, tmp_path):
-    """Round 2: one SuperNode SIGSTOPped past the round's end (Flower marks it offline when its heartbeat
-    stops, or the round's timeout passes); it is resumed (SIGCONT) as round 3 starts, when another is
-    SIGKILLed and restarted at once (a new node id). Round 3 misses the killed one (its message went to
+    """Round 2: one hospital frozen (SIGSTOP of `fedmammo node`, its SuperNode and SuperExec) past the
+    round's end (Flower marks it offline when its heartbeat stops, or the round's timeout passes); it is
+    resumed (SIGCONT) as round 3 starts, when another is SIGKILLed (all its processes) and restarted at
+    once (a new node id). Round 3 misses the killed one (its message went to
     the dead process), and the resumed one if it is not online again in time; round 4 has every site."""
     out = tmp_path / "out"
     stopped, killed = (s.name for s in federation.sites[:2])
 
     def faults() -> None:
         wait_for(lambda: completed(out) >= 1, 300, "round 1")
-        os.killpg(federation.process(stopped).pid, signal.SIGSTOP)
+        signal_tree(federation.process(stopped), signal.SIGSTOP)
         try:
             wait_for(lambda: completed(out) >= 2, 300, "round 2")
         finally:
-            os.killpg(federation.process(stopped).pid, signal.SIGCONT)
+            signal_tree(federation.process(stopped), signal.SIGCONT)
         federation.kill_node(killed)  # round 3's message is already on its way to it
         federation.start_node(killed)
 
@@ -235,6 +258,8 @@ def test_a_stopped_and_a_killed_site_are_missing_and_rejoin(federation, config, 
     assert f"round 2 training: missing {stopped}" in log
     assert re.search(f"round 3 training: missing .*{killed}", log)
     assert federation.starts[killed] == 2 and federation.process(stopped).poll() is None
+    # frozen and resumed, the hospital's supervisor saw nothing die: it restarted nothing
+    assert "restart in" not in (tmp_path / stopped / "supernode-1.log").read_text()
 
 
 def test_the_center_killed_after_a_round_resumes_to_the_same_final_weights(federation, sites, config,
@@ -258,22 +283,26 @@ def test_the_center_killed_after_a_round_resumes_to_the_same_final_weights(feder
     crashed_at = completed(out)
     assert crashed_at >= 1
     federation.stop_link()
-    time.sleep(25)  # down for a while: the SuperNodes' retries back off
+    time.sleep(LINK_DOWN_S)  # down for a while, deliberately: the SuperNodes' retries back off
+    restarted = time.time()
     federation.start_link()
     # The restarted SuperLink reads each node's online-until from its database: the last heartbeat before
     # the crash + 60 s. A heartbeat retried with back-off (≤ 20 s apart, 5 s call timeout) may land after
     # that, and Flower then answers the node's round-2 message with "Node Unavailable" in its stead (seen
-    # once in CI). An operator resumes once the sites' heartbeats are back (docs/operations.md); so here.
-    time.sleep(HEARTBEAT_SETTLE_S)
+    # once in CI). An operator resumes once the sites' heartbeats are back (docs/operations.md); so here,
+    # waiting for every SuperNode's first heartbeat to the restarted SuperLink.
+    wait_for(lambda: heartbeats_since(federation.center / "state.db", restarted, len(nodes)), 120,
+             "every SuperNode's heartbeat after the restart")
     outcome = federation.run({**run, "resume": True}, timeout_s=600)
     assert outcome.ok, (outcome.status, outcome.details, outcome.log.read_text()[-3000:])
     assert all(process.poll() is None and federation.process(name) is process  # never restarted
                for name, process in nodes.items())
     for name in nodes:
         log = (tmp_path / name / "supernode-1.log").read_text()
-        waits = [float(w) for w in re.findall(r"retrying in ([\d.]+) seconds", log)]
+        waits = [float(w) for w in re.findall(r"^supernode +\| .*retrying in ([\d.]+) seconds", log, re.M)]
         assert len(waits) >= 2 and max(waits) > min(waits), (name, waits)  # backing off
         assert "Connection successful after" in log, name
+        assert "restart in" not in log and log.count("joined the SuperLink") == 1, name  # the same SuperNode
 
     # nothing lost: every round checkpointed and in the metrics, the resumed rounds after the crash
     assert [completed(out)] == [rounds]

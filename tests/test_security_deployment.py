@@ -1,7 +1,9 @@
 """Who may join, on loopback with real Flower processes: a SuperLink with SuperNode authentication behind
-nginx with configs/nginx-fleet-proxy.conf. The three registered hospitals connect through the proxy and a
-run completes; a SuperNode with an unregistered key is refused; the Control API is not reachable through
-the proxy (`flwr ls` and direct requests fail), while it still is on the SuperLink's own port."""
+nginx with configs/nginx-fleet-proxy.conf. The three registered hospitals, each started as a hospital
+starts it (`fedmammo node`, via `server.launch.supernode`), connect through the proxy and a run completes;
+a SuperNode with an unregistered key is refused every time it tries (its `fedmammo node` keeps retrying,
+with back-off, and says why); the Control API is not reachable through the proxy (`flwr ls` and direct
+requests fail), while it still is on the SuperLink's own port."""
 
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ import contextlib
 import csv
 import http.client
 import json
+import re
 import shutil
 import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -67,6 +71,13 @@ def nginx(conf: Path, prefix: Path, port: int):
         yield process
     finally:
         _stop_group(process)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(0.5)
 
 
 def request(port: int, ca: Path, method: str, path: str) -> int:
@@ -131,14 +142,22 @@ def test_registered_sites_join_through_the_fleet_only_proxy_and_an_unknown_key_i
                                              "eval-every": 0, "min-nodes": 3, "out-dir": str(out)},
                            timeout_s=480)
         listed = json.loads(flwr(center, "supernode", "list", "admin", "--format", "json").stdout)["nodes"]
-        assert intruder.poll() not in (None, 0)  # refused, it gave up
+        intruder_log = tmp_path / "intruder" / "supernode.log"
+        wait_for(lambda: len(re.findall(r"^node +\| supernode exited .* restart in", intruder_log.read_text(),
+                                        re.MULTILINE)) >= 2, 120, "the intruder refused twice")
+        assert intruder.poll() is None  # refused each time; its supervisor keeps retrying, with back-off
     assert outcome.ok, (outcome.status, outcome.details, outcome.log.read_text()[-3000:])
     with (out / "metrics.csv").open() as f:
         trained = {r["site"] for r in csv.DictReader(f) if r["phase"] == "train"}
     assert trained == {f.name for f in folders} | {"all"}  # the intruder never took part
     assert len(listed) == 3 and {n["status"] for n in listed} == {"online"}, listed  # the registered ones
     assert not list((tmp_path / "intruder-out").glob("runs/*"))
-    assert "Failed to activate SuperNode" in (tmp_path / "intruder" / "supernode.log").read_text()
+    intruder_text = intruder_log.read_text()
+    assert "Failed to activate SuperNode" in intruder_text and "joined the SuperLink" not in intruder_text
+    assert "the SuperLink refused this SuperNode: is intruder.pub registered at the center" in intruder_text
+    for folder in folders:  # each hospital joined once and was never restarted
+        text = (tmp_path / folder.name / "supernode.log").read_text()
+        assert text.count("joined the SuperLink") == 1 and "restart in" not in text, folder.name
     access = (prefix / "access.log").read_text()
     assert '"POST /v1/fleet/activate-node HTTP/1.1" 412' in access  # the SuperLink refused its key
     assert '"POST /v1/fleet/pull-messages HTTP/1.1" 200' in access  # the sites really came through nginx
