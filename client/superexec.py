@@ -8,10 +8,11 @@ change: a ClientApp task starts as a child of a fork server that imported those 
 every other task goes to Flower's own executor. The child runs Flower's `run_clientapp`, which loads the
 ClientApp from the run's FAB as usual: the center's app code is what runs, only its imports are warm.
 
-The SuperNode runs in process isolation with this beside it (`server.launch.supernode(warm=True)`):
+The SuperNode runs in process isolation with this beside it; `fedmammo node` (`client.node`) starts and
+supervises both, as:
 
-    flower-supernode --isolation process --runtime-api-address 127.0.0.1:9094 ...
-    fedmammo superexec --runtime-api-address 127.0.0.1:9094
+    flower-supernode --isolation process --runtime-api-address 127.0.0.1:PORT ...
+    fedmammo superexec --runtime-api-address 127.0.0.1:PORT
 """
 
 from __future__ import annotations

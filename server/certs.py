@@ -102,7 +102,7 @@ def make_certificates(out: str | Path, hosts: list[str], days: int = 825) -> dic
 
 def make_site_key(out: str | Path, name: str) -> tuple[Path, Path]:
     """A site's SuperNode key pair, as Flower reads them: `NAME.key` (OpenSSH private key, mode 0600, for
-    `flower-supernode --auth-supernode-private-key`; it never leaves the hospital) and `NAME.pub` (OpenSSH
+    `fedmammo node --key`; it never leaves the hospital) and `NAME.pub` (OpenSSH
     public key, for the center's `flwr supernode register`). ECDSA P-384, like the TLS keys."""
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
         raise ValueError(f"site name {name!r}: use letters, digits, '-', '_' and '.' only")
@@ -132,7 +132,7 @@ def run_site_key(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {private} (keep it at the hospital) and {public}")
     print(f"the center: flwr supernode register {public.name} CONNECTION --name {args.name}")
-    print(f"the hospital's SuperNode: --auth-supernode-private-key {private}")
+    print(f"the hospital's node: fedmammo node --key {private} ...")
     return 0
 
 
