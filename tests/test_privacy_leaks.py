@@ -159,7 +159,10 @@ def test_no_dicom_value_patient_key_or_exam_id_in_anything_sent_or_logged(run, s
     values = dicom_values(sites) | label_values(sites) | exams
     assert len(values) > 100 and any(v.startswith("SYNTHETIC^") for v in values)
     assert occurring(values, "\n".join(sent_text(r) for r in replies)) == []
-    assert occurring(values, "\n".join(log_lines)) == []
+    # The run token (`server.state`: the start time and random hex) is the center's own, not patient data,
+    # but its time digits may match a DICOM time (StudyTime 094200 once did): it is taken out first.
+    logged = re.sub(r"\d{8}-\d{6}-[0-9a-f]{6}", "<run>", "\n".join(log_lines))
+    assert occurring(values, logged) == []
     cases = read_cases(next(out.glob("sites/*/runs/*/predictions/round-0001.csv")), 50.0)
     assert len(cases.truth) == 8  # the rows these checks guard are there, at the site
 
