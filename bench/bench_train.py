@@ -4,8 +4,9 @@ The project's loop is `client.train.train_epochs` with everything it does: shuff
 float16 views gathered and converted per batch, batched augmentation (affine, intensity, noise), the
 multi-task loss, progress accounting. The plain loop is the floor: the same model, optimizer and loss over
 pre-loaded float32 batches, no augmentation and no shuffling. Both run in the same process, alternating
-in rounds after a warm-up, so machine load hits both alike; each is timed by wall clock and, on CPU, by
-the process's CPU time too (robust to other processes on a shared machine; with one thread the CPU
+in rounds after a warm-up, so machine load hits both alike; the table gives the median of the per-round
+ratios with their min and max, so a noisy machine shows as spread, not as a regression. Each is timed by
+wall clock and, on CPU, by the process's CPU time too (robust to other processes on a shared machine; with one thread the CPU
 time is the work done). The ratio project/plain should be ≥ 0.95: the data pipeline never starves the
 model. The project loop's exams/s is also the rate at which training
 consumes exams, against which DICOM reading is compared (benchmark (b)).
@@ -85,16 +86,20 @@ def bench(size: tuple[int, int], precision: str, steps: int, warmup: int, rounds
     }
     for loop in loops.values():
         timed(lambda loop=loop: loop(warmup), runtime)
-    wall = dict.fromkeys(loops, 0.0)
-    cpu = dict.fromkeys(loops, 0.0)
     per_round = max(1, steps // rounds)
+    exams = per_round * batch
+    wall: dict[str, list[float]] = {name: [] for name in loops}
+    cpu: dict[str, list[float]] = {name: [] for name in loops}
     for _ in range(rounds):
         for name, loop in loops.items():
             w, c = timed(lambda loop=loop: loop(per_round), runtime)
-            wall[name] += w
-            cpu[name] += c
-    exams = per_round * rounds * batch
-    return {"wall": {k: exams / v for k, v in wall.items()}, "cpu": {k: exams / v for k, v in cpu.items()}}
+            wall[name].append(exams / w)
+            cpu[name].append(exams / c)
+    # A round's ratio compares the two loops under the same load; their median, min and max show a noisy
+    # machine as spread instead of as a lower mean.
+    return {"wall": {k: float(np.median(v)) for k, v in wall.items()},
+            "ratio": [p / q for p, q in zip(wall["project"], wall["plain"], strict=True)],
+            "cpu_ratio": [p / q for p, q in zip(cpu["project"], cpu["plain"], strict=True)]}
 
 
 def main() -> None:
@@ -103,7 +108,8 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16", help="train.precision values to measure")
     parser.add_argument("--steps", type=int, default=24, help="timed steps per loop")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3, help="alternations of the two loops")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="alternations of the two loops (one ratio each)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
@@ -115,18 +121,21 @@ def main() -> None:
     print(f"Training throughput, dual-view DenseNet-121, batch {args.batch}, {args.steps} timed steps per "
           f"loop after {args.warmup} warm-up, {args.rounds} alternating rounds; {name}; "
           f"torch {torch.__version__}\n")
-    print("| view size | precision | plain loop (exams/s) | project loop (exams/s) | ratio "
-          "| ratio by CPU time |")
+    print("| view size | precision | plain loop (exams/s, median) | project loop (exams/s, median) "
+          "| ratio per round: median (min–max) | by CPU time: median (min–max) |")
     print("|---|---|---|---|---|---|")
     for text in args.sizes.split(","):
         h, w = (int(v) for v in text.split("x"))
         for precision in args.precisions.split(","):
             rates = bench((h, w), precision, args.steps, args.warmup, args.rounds, args.batch)
-            wall, cpu = rates["wall"], rates["cpu"]
-            by_cpu = f"{cpu['project'] / cpu['plain']:.3f}" if device.type == "cpu" else "n/a"
+            wall = rates["wall"]
+            by_cpu = _spread(rates["cpu_ratio"]) if device.type == "cpu" else "n/a"
             print(f"| {h}×{w} | {precision} | {wall['plain']:.2f} | {wall['project']:.2f} "
-                  f"| {wall['project'] / wall['plain']:.3f} | {by_cpu} |", flush=True)
+                  f"| {_spread(rates['ratio'])} | {by_cpu} |", flush=True)
 
+
+def _spread(ratios: list[float]) -> str:
+    return f"{np.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f})"
 
 if __name__ == "__main__":
     main()
