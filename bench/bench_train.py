@@ -6,10 +6,10 @@ multi-task loss, progress accounting. The plain loop is the floor: the same mode
 pre-loaded float32 batches, no augmentation and no shuffling. Both run in the same process, alternating
 in rounds after a warm-up, so machine load hits both alike; the table gives the median of the per-round
 ratios with their min and max, so a noisy machine shows as spread, not as a regression. Each is timed by
-wall clock and, on CPU, by the process's CPU time too (robust to other processes on a shared machine; with one thread the CPU
-time is the work done). The ratio project/plain should be ≥ 0.95: the data pipeline never starves the
-model. The project loop's exams/s is also the rate at which training
-consumes exams, against which DICOM reading is compared (benchmark (b)).
+wall clock and, on CPU, by the process's CPU time too (robust to other processes on a shared machine;
+with one thread the CPU time is the work done). The ratio project/plain should be ≥ 0.95: the data
+pipeline never starves the model. The project loop's exams/s is also the rate at which training consumes
+exams, against which DICOM reading is compared (benchmark (b)).
 
     .venv/bin/python bench/bench_train.py [--sizes 128x96,256x192] [--precisions fp32,bf16] [--steps 24]
 """
