@@ -15,11 +15,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_federation_support import wait_for
 
+from client.node import descendants
 from common.cli import main as fedmammo
 from common.sites import site_folders
 from server.certs import make_certificates, make_site_key
@@ -156,14 +158,6 @@ def test_systemd_prints_a_unit_running_the_same_command(tmp_path, site, credenti
 
 # --- supervision --------------------------------------------------------------------------------------
 
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout_s:.0f} s")
-        time.sleep(0.2)
-
-
 def alive(pid: int) -> bool:
     """Running (a zombie, exited but not reaped by its parent, is not)."""
     try:
@@ -258,20 +252,6 @@ def test_the_children_follow_a_killed_supervisor(tmp_path, site, loopback_link):
         n.process.kill()
         n.process.wait(10)
         wait_for(lambda: not any(map(alive, children)), 30, "the SuperNode and SuperExec gone")
-
-
-def descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            parents.setdefault(int(stat.read_text().rpartition(")")[2].split()[1]), []).append(
-                int(stat.parent.name))
-    todo = [pid]
-    while todo:
-        found += (below := parents.get(todo.pop(), []))
-        todo += below
-    return found
 
 
 # --- a federation of hospitals started with `fedmammo node` -------------------------------------------

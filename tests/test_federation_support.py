@@ -11,6 +11,7 @@ out, and the slow tests cover it.
 from __future__ import annotations
 
 import csv
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -181,3 +182,11 @@ def run_in_process(data_root: Path, run_config: dict[str, Any], fail: Iterable[i
         torch.set_num_threads(threads)
     return grid
 
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Until `condition()` holds, for at most `timeout_s` seconds (a TimeoutError naming `what`)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout_s:.0f} s")
+        time.sleep(0.2)

@@ -30,8 +30,9 @@ from typing import Any
 import pytest
 import torch
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
-from test_federation_support import run_in_process
+from test_federation_support import run_in_process, wait_for
 
+from client.node import descendants
 from client.prepare import prepare_site
 from common.checkpoint import latest_checkpoint, load_checkpoint
 from common.config import load_config
@@ -57,14 +58,6 @@ LINK_DOWN_S = 25
 """How long the crashed center stays down (deliberately: the SuperNodes' retries back off meanwhile)."""
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout_s:.0f} s")
-        time.sleep(0.2)
-
-
 def completed(out: Path) -> int:
     """The last round whose checkpoint is complete and marked latest (0 before the first)."""
     try:
@@ -72,21 +65,6 @@ def completed(out: Path) -> int:
     except ValueError:
         return 0
     return 0 if latest is None else int(latest.stem.removeprefix("round-"))
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc): Flower's SuperExec starts itself in a new session, with
-    the ServerApp or ClientApps below it, out of reach of a signal to its parent's group."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rpartition(")")[2].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        found += (below := children.get(todo.pop(), []))
-        todo += below
-    return found
 
 
 def signal_tree(process: subprocess.Popen, sig: signal.Signals) -> None:
