@@ -43,7 +43,7 @@ from common.atomic import write_atomic
 from common.config import Config
 from common.exams import LABELS_FILE, Exam, pair_exams, scan_files, site_files, with_listed
 from common.labels import ExamLabel, read_labels
-from common.manifest import MANIFEST_FILE, Listed, read_manifest
+from common.manifest import MANIFEST_FILE, Listed, entry, read_manifest
 from common.preprocess import VERSION as INPUTS_VERSION
 from common.rejection import Rejection
 
@@ -188,7 +188,7 @@ def decode_files(paths: Sequence[Path], size: tuple[int, int], workers: int, tim
             while idle and todo:
                 worker = idle.pop()
                 try:
-                    worker.send(todo[0], listed.get(todo[0].resolve()), timeout)
+                    worker.send(todo[0], entry(listed, todo[0]), timeout)
                 except OSError:  # it died while idle (e.g. killed for memory): replace it
                     worker.kill()
                     idle.append(_Worker(size, memory))
@@ -312,13 +312,13 @@ class _Cache:
 
 def _decode(paths: Sequence[Path], listed: Mapping[Path, Listed], config: Config, cache: _Cache,
             progress: bool, desc: str) -> dict[Path, Decoded]:
-    entry = {p: listed.get(p.resolve()) for p in paths}
-    results = {p: r for p in paths if (r := cache.load(p, entry[p])) is not None}
+    listing = {p: entry(listed, p) for p in paths}
+    results = {p: r for p in paths if (r := cache.load(p, listing[p])) is not None}
     todo = [p for p in paths if p not in results]
     decoded = decode_files(todo, config.data.image_size, config.data.workers, config.data.decode_timeout_s,
                            progress, desc, listed=listed)
     for path, result in decoded.items():
-        cache.store(path, entry[path], result)
+        cache.store(path, listing[path], result)
     return results | decoded
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from common.labels import ExamLabel, exam_id
-from common.manifest import MANIFEST_FILE, Listed
+from common.manifest import MANIFEST_FILE, Listed, entry
 from common.rejection import Rejection
 
 if TYPE_CHECKING:
@@ -65,6 +65,8 @@ def site_files(root: Path, skip: Iterable[Path] = ()) -> list[Path]:
 def with_listed(files: Iterable[Path], listed: Mapping[Path, Listed]) -> list[Path]:
     """`files` and the manifest's files that are not among them (those outside the site folder)."""
     files = list(files)
+    if not listed:
+        return files
     seen = {f.resolve() for f in files}
     return files + sorted(p for p in listed if p not in seen)
 
@@ -87,7 +89,7 @@ def scan_files(files: Iterable[Path], listed: Mapping[Path, Listed] | None = Non
             rejections.append(Rejection(str(path), "unreadable file: not a regular file"))
             continue
         try:
-            header = read_header(path, listed.get(path.resolve()))
+            header = read_header(path, entry(listed, path))
         except DicomError as exc:
             rejections.append(Rejection(str(path), exc.reason))
             continue

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,12 @@ def read_manifest(root: Path) -> tuple[dict[Path, Listed], list[Rejection]]:
         listed[key] = Listed(values["study_uid"], values["laterality"].upper(), values["view"].upper(),
                              values["patient_id"])
     return listed, rejections
+
+
+def entry(listed: Mapping[Path, Listed], path: Path) -> Listed | None:
+    """What the manifest says of `path` (None when it does not list it); no path is resolved for a site
+    without a manifest, which is every federated message's path through the site's files."""
+    return listed.get(path.resolve()) if listed else None
 
 
 def _problem(values: dict[str, str]) -> str | None:
