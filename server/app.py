@@ -53,7 +53,7 @@ from server.evaluation import (
 )
 from server.exchange import RoundError, broadcast, missing_rows, successful, wait_for_nodes
 from server.privacy import Ledger, privacy_report
-from server.report import write_report
+from server.report import synthetic_ceiling, write_report
 from server.sanity import screen_updates
 from server.secagg import secure_round
 from server.settings import Settings
@@ -223,5 +223,6 @@ def main(grid: Grid, context: Context) -> None:
         "evaluation": analysis,
         "rounds": state.history,
         "privacy": privacy_report(ledger, state.history, config),
+        "ceiling": synthetic_ceiling(settings.data_root),  # a simulation over a synthetic cohort only
     })
     log(INFO, "%s report: %s", MARKER, folder / "report.md")

@@ -8,6 +8,7 @@ layout of `common.stats.analyze`) and with the cases the pooled histograms stand
 from __future__ import annotations
 
 import io
+import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,9 +18,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from common.atomic import write_files_atomic
-from common.protocol import ALL
+from common.protocol import ALL, MODEL
 from common.stats.report import comparisons_csv, raters_csv, roc_png, to_json, to_markdown
-from server.evaluation import expand
+from server.evaluation import SITE_GROUP, expand
 from server.privacy import markdown as privacy_markdown
 
 _SPLITS = ("train", "val", "test")
@@ -47,6 +48,45 @@ def _table1(sites: Sequence[Mapping[str, Any]]) -> list[str]:
             *(row(s["site"], s["counts"]) for s in sites), row("**All sites**", total)]
 
 
+def synthetic_ceiling(data_root: str | Path) -> dict[str, Any] | None:
+    """What the data root's `cohort.json` says of a synthetic cohort's ceiling (`fedmammo synth`: each
+    site's and the whole cohort's ideal-observer AUC on the test exams), or None: no data root (a deployed
+    center sees no site's data), no cohort.json (real data), or one without the ideal observer."""
+    if not data_root or not (path := Path(data_root) / "cohort.json").is_file():
+        return None
+    try:
+        cohort = json.loads(path.read_text())
+        return {"seed": cohort["seed"], "conspicuity": cohort["conspicuity"],
+                "expected_auc": cohort["ideal_observer_auc"],
+                "sites": {site["name"]: site["ideal_observer"]["test"] for site in cohort["sites"]},
+                ALL: cohort["total"]["ideal_observer"]["test"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _ceiling(ceiling: Mapping[str, Any], evaluation: Mapping[str, Any], sites: Sequence[str]) -> list[str]:
+    """The synthetic cohort's ideal observer next to the model, on the same test exams."""
+    def auc(entry: Mapping[str, Any] | None) -> str:
+        if not entry or entry.get("auc") is None:
+            return "n/a"
+        ci = entry.get("auc_ci")
+        return f"{entry['auc']:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+
+    def model(table: Mapping[str, Any] | None) -> str:
+        rater = (table or {}).get("raters", {}).get(MODEL) or {}
+        return auc({"auc": rater.get("auc"), "auc_ci": rater.get("auc_ci")})
+
+    rows = [f"| {site} | {auc(ceiling['sites'].get(site))} "
+            f"| {model(evaluation['subgroups'].get(SITE_GROUP.format(site)))} |" for site in sites]
+    rows.append(f"| **All sites** | {auc(ceiling[ALL])} | {model(evaluation)} |")
+    return ["## The synthetic cohort's ceiling", "",
+            f"The sites hold a synthetic cohort (`fedmammo synth`, seed {ceiling['seed']}, conspicuity "
+            f"{ceiling['conspicuity']:g}). Its label is carried by one lesion appearance latent, so the "
+            "ideal observer, which scores each exam by that latent, is the most any model can reach on "
+            f"these test exams ({ceiling['expected_auc']:.3f} expected; the draw of exams moves it).", "",
+            "| Site | Ideal observer AUC (95% CI) | Model AUC (95% CI) |", "|---|---|---|", *rows]
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     run, evaluation = report["run"], report["evaluation"]
     bn = "kept at each site (FedBN)" if run["batchnorm"] == "local" else "averaged"
@@ -62,6 +102,8 @@ def markdown(report: Mapping[str, Any]) -> str:
     tables = to_markdown(evaluation).splitlines()[1:]  # without its own document title
     lines += ["## Tables 2–4. Diagnostic performance, comparisons and subgroups",
               *("#" + line if line.startswith("## ") else line for line in tables)]
+    if report.get("ceiling"):
+        lines += ["", *_ceiling(report["ceiling"], evaluation, [s["site"] for s in report["sites"]])]
     if evaluation.get("left_out"):
         lines += ["", "Raters not analysed:", *(f"- {r}: {why}" for r, why in evaluation["left_out"].items())]
     if missing := [r for r in report["rounds"] if r.get("missing")]:
@@ -72,8 +114,9 @@ def markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def learning_curves_png(rounds: Sequence[Mapping[str, Any]]) -> bytes:
-    """Training loss per round, and the pooled test AUC (95% CI) at each evaluated round, sites dotted."""
+def learning_curves_png(rounds: Sequence[Mapping[str, Any]], ceiling: float | None = None) -> bytes:
+    """Training loss per round, and the pooled test AUC (95% CI) at each evaluated round, sites dotted;
+    `ceiling`: the pooled ideal observer's AUC of a synthetic cohort, dashed."""
     fig = Figure(figsize=(10, 4))
     FigureCanvasAgg(fig)
     loss_ax, auc_ax = fig.subplots(1, 2)
@@ -87,6 +130,8 @@ def learning_curves_png(rounds: Sequence[Mapping[str, Any]]) -> bytes:
                     label="pooled" if pooled else site)
             if key == "auc" and pooled and all(r["auc_low"] is not None for r in mine):
                 ax.fill_between(x, [r["auc_low"] for r in mine], [r["auc_high"] for r in mine], alpha=0.2)
+        if key == "auc" and ceiling is not None:
+            ax.axhline(ceiling, color="0.4", linestyle="--", linewidth=1, label="ideal observer (pooled)")
         ax.set(xlabel="round", ylabel="training loss" if key == "loss" else "test AUC (95% CI)")
         ax.legend(fontsize=8, frameon=False)
         ax.grid(color="0.92")
@@ -98,10 +143,11 @@ def learning_curves_png(rounds: Sequence[Mapping[str, Any]]) -> bytes:
 def write_report(folder: Path, report: Mapping[str, Any]) -> Path:
     """Write the report folder; `report["evaluation"]` is `server.evaluation.federated_analysis`'s result."""
     evaluation = report["evaluation"]
+    ceiling = ((report.get("ceiling") or {}).get(ALL) or {}).get("auc")
     files = {"report.json": to_json(report).encode(), "report.md": markdown(report).encode(),
              "raters.csv": raters_csv(evaluation).encode(),
              "comparisons.csv": comparisons_csv(evaluation).encode(),
-             "learning_curves.png": learning_curves_png(report["rounds"])}
+             "learning_curves.png": learning_curves_png(report["rounds"], ceiling)}
     for group, histograms in evaluation["histograms"].items():
         table = evaluation if group == ALL else evaluation["subgroups"][group]
         if any(r["auc"] is not None for r in table["raters"].values()):

@@ -48,7 +48,7 @@ def finished(sites, config, tmp_path_factory):
     return out
 
 
-def test_a_run_checkpoints_every_round_and_writes_metrics_and_report(finished):
+def test_a_run_checkpoints_every_round_and_writes_metrics_and_report(finished, sites):
     assert latest_checkpoint(finished / "checkpoints").name == "round-0002.safetensors"
     assert (finished / "checkpoints" / "round-0001.safetensors").is_file()
     with (finished / "metrics.csv").open() as f:
@@ -62,6 +62,12 @@ def test_a_run_checkpoints_every_round_and_writes_metrics_and_report(finished):
         assert (report / name).stat().st_size > 0, name
     text = (report / "report.md").read_text()
     assert "Table 1" in text and "model vs local-only" in text and "### density=dense" in text
+    # The sites' synthetic cohort (its data root's cohort.json): the ideal observer beside the model.
+    ceiling = json.loads((sites / "cohort.json").read_text())["total"]["ideal_observer"]["test"]
+    pooled = json.loads((report / "report.json").read_text())["evaluation"]["raters"][MODEL]
+    low, high = ceiling["auc_ci"]
+    assert (f"| **All sites** | {ceiling['auc']:.3f} ({low:.3f}–{high:.3f}) | {pooled['auc']:.3f} "
+            in text.split("## The synthetic cohort's ceiling")[1])
     path = finished / "global.safetensors"  # what `fedmammo predict --weights` reads
     checkpoint = load_checkpoint(path)
     stored = config_of(checkpoint, path)

@@ -17,11 +17,16 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
 from common.cli import main
 from common.dicom import read_view
-from common.labels import REQUIRED_COLUMNS, read_labels
+from common.labels import REQUIRED_COLUMNS, SPLITS, read_labels
+from common.protocol import ALL
+from common.stats.delong import auc_ci
+from common.synth.cohort import ideal_observer
 from common.synth.dicom_writer import PATIENT_ORIENTATION
-from common.synth.generate import CohortSpec, generate, plan
+from common.synth.generate import CohortSpec, describe, generate, plan
+from common.synth.phantom import IDEAL_AUC
 from common.synth.readers import Reader
 from common.synth.vendors import PROFILES
+from server.report import synthetic_ceiling
 
 SPEC = CohortSpec(train=(2, 2, 2, 2), val=(1, 1, 1, 1), test=(1, 1, 1, 1), seed=7, scale=0.06,
                   readers=(Reader("a", 0.9, 0.8), Reader("b", 0.6, 0.5)))
@@ -65,6 +70,52 @@ def test_layout_labels_and_summary(cohort: Path) -> None:
             assert row["pathology"] in ("benign", "malignant") and row["laterality"] in ("L", "R")
             assert row["birads"] in ("2", "3", "4", "5") and row["density"] in "abcd"
             assert row["reader_a"] in ("2", "3", "4A", "4B", "4C", "5")
+
+
+def _mann_whitney(cases: list) -> float:
+    """The AUC as the share of (malignant, benign) pairs the appearance latent orders right."""
+    pos = [c.appearance for c in cases if c.malignant]
+    neg = [c.appearance for c in cases if not c.malignant]
+    return float(np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg]))
+
+
+def test_cohort_json_states_the_ideal_observer_per_site_and_split(cohort: Path) -> None:
+    # The plan alone (no images): 3 sites whose test splits hold both classes, and a val split of one class.
+    spec = CohortSpec(train=(30, 20, 25), val=(1, 1, 1), test=(20, 15, 30), seed=5)
+    sites = plan(spec)
+    summary = describe(spec, sites)
+    assert summary["ideal_observer_auc"] == round(IDEAL_AUC, 3) == 0.921  # the expectation
+    everyone = [c for site in sites for c in site.cases]
+    for cases, described in [*((s.cases, d) for s, d in zip(sites, summary["sites"], strict=True)),
+                             (everyone, summary["total"])]:
+        assert described["ideal_observer"]["val"] is None  # one exam: no class pair
+        for split in ("train", "test"):
+            chosen = [c for c in cases if c.split == split]
+            entry = described["ideal_observer"][split]
+            auc, low, high = auc_ci([c.malignant for c in chosen], [c.appearance for c in chosen])
+            assert entry["auc"] == round(_mann_whitney(chosen), 3) == round(auc, 3)
+            assert entry["auc_ci"] == [round(low, 3), round(high, 3)]
+            assert entry["exams"] == len(chosen) and entry["malignant"] == sum(c.malignant for c in chosen)
+    # A single malignant exam: the AUC, but no DeLong interval.
+    few = [c for c in everyone if not c.malignant][:5] + [c for c in everyone if c.malignant][:1]
+    assert ideal_observer(few) == {"auc": round(_mann_whitney(few), 3), "auc_ci": None, "exams": 6,
+                                   "malignant": 1}
+    # What `generate` writes is `describe`'s.
+    written = json.loads((cohort / "cohort.json").read_text())
+    assert written["total"]["ideal_observer"] == describe(SPEC, plan(SPEC))["total"]["ideal_observer"]
+    assert set(written["sites"][0]["ideal_observer"]) == set(SPLITS)
+
+
+def test_the_report_reads_the_ceiling_from_a_synthetic_data_root(cohort: Path, tmp_path: Path) -> None:
+    written = json.loads((cohort / "cohort.json").read_text())
+    ceiling = synthetic_ceiling(str(cohort))
+    assert ceiling == {"seed": 7, "conspicuity": 1.0, "expected_auc": 0.921,
+                       "sites": {s["name"]: s["ideal_observer"]["test"] for s in written["sites"]},
+                       ALL: written["total"]["ideal_observer"]["test"]}
+    # A deployed center knows no data root; real data has no cohort.json; an older one lacks the entry.
+    assert synthetic_ceiling("") is None and synthetic_ceiling(tmp_path) is None
+    (tmp_path / "cohort.json").write_text(json.dumps({**written, "total": {}}))
+    assert synthetic_ceiling(tmp_path) is None
 
 
 def test_every_transfer_syntax_decodes(cohort: Path) -> None:
@@ -144,7 +195,11 @@ def test_cli_writes_and_replaces_a_cohort(tmp_path: Path, capsys: pytest.Capture
     argv = ["synth", str(out), "--sites", "2", "--train", "2,1", "--val", "0,0", "--test", "1,1",
             "--seed", "3", "--scale", "0.05", "--reader", "fellow=0.8/0.7"]
     assert main(argv) == 0
-    assert "site2_nordvik" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "site2_nordvik" in printed
+    # One test exam a site, both benign: no ceiling to state, and the command says so.
+    assert json.loads((out / "cohort.json").read_text())["total"]["ideal_observer"]["test"] is None
+    assert "test AUC n/a over all sites, 0.921 expected" in printed
     first = _files(out)
     with open(out / "site1_helion" / "labels.csv", newline="") as f:
         assert next(csv.reader(f))[-1] == "reader_fellow"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.labels import DENSE, SPLITS
+from common.stats.delong import auc_ci, roc_auc
 from common.synth.phantom import IDEAL_SEPARATION
 from common.synth.readers import DEFAULT_READERS, Reader, read_cases, reader_rng
 
@@ -51,6 +52,24 @@ class Case:
     @property
     def dense(self) -> bool:
         return self.density in DENSE
+
+
+def ideal_observer(cases: list[Case]) -> dict | None:
+    """The ideal observer's AUC on `cases`: each case scored by its lesion appearance latent, the one
+    carrier of the label (every lesion feature follows it), so no observer of the pixels can beat it on
+    these cases; its expectation is `phantom.IDEAL_AUC`. With the case counts and the DeLong 95% CI (None
+    with fewer than 2 cases of a class); None when the cases lack a class."""
+    malignant = np.array([c.malignant for c in cases], bool)
+    positives, negatives = int(malignant.sum()), int((~malignant).sum())
+    if not positives or not negatives:
+        return None
+    appearance = np.array([c.appearance for c in cases])
+    if min(positives, negatives) < 2:
+        auc, ci = roc_auc(malignant, appearance), None
+    else:
+        auc, low, high = auc_ci(malignant, appearance)
+        ci = [round(low, 3), round(high, 3)]
+    return {"auc": round(auc, 3), "auc_ci": ci, "exams": len(cases), "malignant": positives}
 
 
 def default_val(train: int) -> int:

@@ -73,6 +73,14 @@ def _prepare(out: Path) -> None:
     previous.unlink()  # last: if a removal fails, the next run still knows what to replace
 
 
+def _ideal(result: dict | None) -> str:
+    """An ideal-observer entry of cohort.json as `0.932 [0.877, 0.988]`; `n/a` for a split lacking a class."""
+    if result is None:
+        return "n/a"
+    ci = result["auc_ci"]
+    return f"{result['auc']:.3f}" + ("" if ci is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     start = time.perf_counter()
@@ -87,15 +95,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"fedmammo synth: cannot write {out}: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
-    print("| site | vendor | matrix | transfer syntax | train | val | test | malignant | dense |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| site | vendor | matrix | transfer syntax | train | val | test | malignant | dense "
+          "| ideal observer, test AUC [95% CI] |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for site in summary["sites"]:
         exams, malignant, density = site["exams"], site["malignant"], site["density"]
         total = sum(exams.values())
         print(f"| {site['name']} | {site['profile']['manufacturer']} {site['profile']['model']} "
               f"| {site['matrix'][0]}×{site['matrix'][1]} | {site['profile']['transfer_syntax']} "
               f"| {exams['train']} | {exams['val']} | {exams['test']} | {sum(malignant.values())}/{total} "
-              f"| {density['c'] + density['d']}/{total} |")
+              f"| {density['c'] + density['d']}/{total} | {_ideal(site['ideal_observer']['test'])} |")
     studies = sum(sum(site["exams"].values()) for site in summary["sites"])
     print(f"\n{studies} studies ({4 * studies} images) written to {out} in {seconds:.1f} s")
+    ceiling = _ideal(summary["total"]["ideal_observer"]["test"])
+    print(f"Ideal observer (the lesion appearance latent, which carries the label: no model beats it on "
+          f"these exams): test AUC {ceiling} over all sites, {summary['ideal_observer_auc']:.3f} expected")
     return 0

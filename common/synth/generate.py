@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from common.atomic import write_atomic
 from common.labels import REQUIRED_COLUMNS, SPLITS
-from common.synth.cohort import Case, plan_site
+from common.synth.cohort import Case, ideal_observer, plan_site
 from common.synth.dicom_writer import ImageInfo, StudyInfo, build_dataset, to_bytes
 from common.synth.phantom import (
     DEFAULT_CONSPICUITY,
@@ -172,13 +172,16 @@ def labels_csv(cases: list[Case], seed: int, readers: tuple[Reader, ...]) -> byt
 
 
 def describe(spec: CohortSpec, sites: list[Site]) -> dict:
-    """What cohort.json records: the settings, each site's vendor profile and its counts."""
+    """What cohort.json records: the settings (with the ideal observer's expected AUC), each site's vendor
+    profile, its counts and its ideal observer's AUC per split, and the same for the whole cohort."""
     def counts(cases: list[Case]) -> dict:
         return {
             "exams": {s: sum(c.split == s for c in cases) for s in SPLITS},
             "malignant": {s: sum(c.split == s and c.malignant for c in cases) for s in SPLITS},
             "density": {d: sum(c.density == d for c in cases) for d in DENSITIES},
             "symptomatic": sum(c.symptomatic for c in cases),
+            # The ceiling of any model's AUC on each split's exams (`cohort.ideal_observer`).
+            "ideal_observer": {s: ideal_observer([c for c in cases if c.split == s]) for s in SPLITS},
         }
 
     return {

@@ -33,6 +33,7 @@ from torch import nn
 from common.dicom import read_view
 from common.preprocess import preprocess_view
 from common.stats.delong import auc_ci
+from common.synth.cohort import ideal_observer
 from common.synth.generate import CohortSpec, anatomy, generate, image_path, plan
 
 VIEW_SIZE = (128, 96)
@@ -60,7 +61,6 @@ def load_cohort(spec: CohortSpec, out: Path, workers: int) -> dict[str, np.ndarr
         "views": views.astype(np.float32),
         "malignant": np.array([case.malignant for _, case in cases]),
         "train": np.array([case.split != "test" for _, case in cases]),
-        "appearance": np.array([case.appearance for _, case in cases]),
         "features": np.array(features),
     }
 
@@ -138,19 +138,19 @@ def main(argv: list[str] | None = None) -> None:
         prepared = time.perf_counter() - start
     test = ~data["train"]
     y = data["malignant"][test]
-    rows = [("ideal (appearance latent)", data["appearance"][test], 0.0),
-            ("lesion features, logistic regression", feature_scores(data), 0.0)]
+    ideal = ideal_observer([case for site in plan(spec) for case in site.cases if case.split == "test"])
+    rows = [("ideal (appearance latent)", (ideal["auc"], *ideal["auc_ci"]), 0.0),
+            ("lesion features, logistic regression", auc_ci(y, feature_scores(data)), 0.0)]
     start = time.perf_counter()
-    rows.append((f"small CNN, {args.epochs} epochs, CPU", cnn_scores(data, args.epochs, args.seed),
-                 time.perf_counter() - start))
+    scores = cnn_scores(data, args.epochs, args.seed)
+    rows.append((f"small CNN, {args.epochs} epochs, CPU", auc_ci(y, scores), time.perf_counter() - start))
     n_train = int(data["train"].sum())
     print(f"{args.sites} sites, {n_train} training exams ({int(data['malignant'][data['train']].sum())} "
           f"malignant), {int(test.sum())} test exams ({int(y.sum())} malignant), conspicuity "
           f"{args.conspicuity}; generated and read back in {prepared:.0f} s\n")
     print("| observer | test AUC [95% CI] | training time |")
     print("|---|---|---|")
-    for name, scores, seconds in rows:
-        auc, low, high = auc_ci(y, scores)
+    for name, (auc, low, high), seconds in rows:
         print(f"| {name} | {auc:.3f} [{low:.3f}, {high:.3f}] | {f'{seconds:.0f} s' if seconds else '–'} |")
 
 
