@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="federated rounds (default: [train] epochs)")
     p.add_argument("--baselines", action="store_true", help="also train each site's local-only model")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is abandoned")
+    p.add_argument("--run-config", dest="run_config", action="append", metavar="KEY=VALUE",
+                   help="override a run-config value of the demo (repeatable), e.g. local-epochs=1")
 
     p = sub.add_parser("federate", help="run the federation: simulation over site folders, or a deployment")
     p.add_argument("data_root", nargs="?", help="simulation: folder holding one folder per site")
