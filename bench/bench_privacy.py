@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import torch  # noqa: E402
+from bench_train import synthetic_exams  # noqa: E402
 
-from client.data import ExamTensors  # noqa: E402
 from client.dp import PrivateSGD  # noqa: E402
 from client.train import train_epochs  # noqa: E402
 from common.cli import main as fedmammo  # noqa: E402
@@ -98,7 +98,7 @@ def _auc(args: argparse.Namespace) -> None:
 def _untrained(data: Path, config_text: str, out: Path) -> str:
     """The row of the initial model, before any round: a model that barely moves keeps its AUC, which is
     not 0.5 (random features and a random head still rank the lesions' looks, one way or the other)."""
-    from client.data import exam_tensors
+    from client.data import exam_set
     from client.evaluate import predict
     from client.prepare import prepare_site
     from common.model import initial_model
@@ -107,7 +107,7 @@ def _untrained(data: Path, config_text: str, out: Path) -> str:
 
     (out / "untrained.toml").write_text(config_text)
     config = load_config(out / "untrained.toml")
-    test = exam_tensors([prepare_site(site, config, progress=False) for site in site_folders(data)], "test")
+    test = exam_set([prepare_site(site, config, progress=False) for site in site_folders(data)], "test")
     auc, low, high = auc_ci(test.malignant.numpy(), predict(initial_model(config), test, config).score)
     return f"| initial model, untrained | 0 | {auc:.3f} ({low:.3f}–{high:.3f}) | | |"
 
@@ -124,19 +124,20 @@ def _one_arm(arm: str, height: int, width: int, steps: int) -> dict[str, float]:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     norm = "batch" if arm == ARMS[0] else "group"
-    privacy = {"dp_sgd": True, "noise_multiplier": 1.0, "physical_batch_size": 2 if "chunks" in arm else 0}
+    privacy = {"dp_sgd": True, "noise_multiplier": 1.0}
+    chunk = 2 if "chunks" in arm else 0
     config: Config = config_from_dict({"data": {"image_size": [height, width]}, "model": {"norm": norm},
-                                       "train": {"batch_size": 8, "num_threads": 1},
+                                       "train": {"batch_size": 8, "num_threads": 1,
+                                                 "physical_batch_size": chunk},
                                        **({"privacy": privacy} if "DP" in arm else {})})
     model = build_model(config.model, False)
     n = 64
-    data = ExamTensors([str(i) for i in range(n)], torch.rand(n, 2, height, width).half(),
-                       (torch.arange(n) % 4 == 0).float(), torch.arange(n) % 4)
+    data, _ = synthetic_exams(n, (height, width))
     generator = torch.Generator().manual_seed(0)
 
     def train(k: int) -> float:
         """CPU-seconds of `k` steps, Opacus's set-up included."""
-        private = PrivateSGD(config.privacy, 8, 8 / n, 1.0, []) if "DP" in arm else None
+        private = PrivateSGD(config.privacy, 8, 8 / n, 1.0, [], chunk) if "DP" in arm else None
         cpu = time.process_time()
         train_epochs(model, data, config, steps=k, generator=generator, progress=False, private=private)
         return time.process_time() - cpu

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from client.data import exam_tensors  # noqa: E402
+from client.data import exam_set  # noqa: E402
 from client.evaluate import predict  # noqa: E402
 from client.prepare import prepare_site  # noqa: E402
 from client.train import train_epochs  # noqa: E402
@@ -50,11 +50,11 @@ def _central(sites: list[Path], config_path: Path, out: dict) -> None:
     started = time.perf_counter()
     prepared = [prepare_site(site, config, progress=False) for site in sites]
     model = initial_model(config)
-    train_epochs(model, exam_tensors(prepared, "train"), config, epochs=config.train.epochs, progress=False)
+    train_epochs(model, exam_set(prepared, "train"), config, epochs=config.train.epochs, progress=False)
     out["seconds"] = time.perf_counter() - started
     out["scores"] = {}
     for site in prepared:
-        predictions = predict(model, exam_tensors([site], "test"), config)
+        predictions = predict(model, exam_set([site], "test"), config)
         # the prediction files' grid (one decimal), so that the comparison uses the same resolution
         out["scores"] |= dict(zip(predictions.exam_ids, np.round(predictions.score, 1), strict=True))
 
@@ -101,7 +101,7 @@ def main() -> None:
     config = load_config(config_path)
     sites = site_folders(data)
     prepared = [prepare_site(site, config, progress=False) for site in sites]  # decode once, for both arms
-    sizes = "/".join(str(len(exam_tensors([p], "train"))) for p in prepared)
+    sizes = "/".join(str(len(exam_set([p], "train"))) for p in prepared)
 
     central: dict = {}
     worker = threading.Thread(target=_central, args=(sites, config_path, central))

@@ -22,23 +22,25 @@ import time
 import numpy as np
 import torch
 
-from client.data import ExamTensors
+from client.data import ExamSet, exam_set
 from client.device import resolve_runtime
+from client.prepare import site_from_arrays
 from client.train import make_optimizer, train_epochs
 from common.config import Config
+from common.labels import ExamLabel
 from common.model import MultiTaskLoss, build_model
 from common.runtime import seed_everything, set_threads
 
 
-def synthetic_exams(n: int, size: tuple[int, int], seed: int = 0) -> ExamTensors:
+def synthetic_exams(n: int, size: tuple[int, int], seed: int = 0) -> tuple[ExamSet, np.ndarray]:
+    """`n` random exams (~14% malignant, as in the study) as view files in a temporary cache, the stream's
+    input, and the same views as an array, the plain loop's."""
     rng = np.random.default_rng(seed)
-    malignant = (np.arange(n) % 7 == 0).astype(np.float32)  # ~14% malignant, as in the study
-    return ExamTensors(
-        exam_ids=[f"exam{i}" for i in range(n)],
-        views=torch.from_numpy(rng.random((n, 2, *size), dtype=np.float32).astype(np.float16)),
-        malignant=torch.from_numpy(malignant),
-        birads_class=torch.from_numpy(rng.integers(0, 4, n)),
-    )
+    views = rng.random((n, 2, *size), dtype=np.float32).astype(np.float16)
+    birads = rng.integers(0, 4, n)
+    labels = [ExamLabel(f"p{i}", f"1.2.{i}", "L", i % 7 == 0, 2 + int(birads[i]), "c", False, "train")
+              for i in range(n)]
+    return exam_set([site_from_arrays("bench", views, labels)]), views
 
 
 def timed(run, runtime) -> tuple[float, float]:
@@ -70,13 +72,14 @@ def bench(size: tuple[int, int], precision: str, steps: int, warmup: int, rounds
     config.train.batch_size = batch
     config.train.precision = precision
     runtime = resolve_runtime(config.train)
-    data = synthetic_exams(batch * steps, size)
+    data, views = synthetic_exams(batch * steps, size)
     seed_everything(0)
     model = runtime.place(build_model(config.model, bilateral=False))
     optimizer = make_optimizer(model, config)
     n_pos = float(data.malignant.sum())
     criterion = MultiTaskLoss(config.model.birads_loss_weight, (len(data) - n_pos) / n_pos).to(runtime.device)
-    tensors = [t.to(runtime.device) for t in (data.views.float(), data.malignant, data.birads_class)]
+    loaded = (torch.from_numpy(views).float(), data.malignant, data.birads_class)
+    tensors = [t.to(runtime.device) for t in loaded]
     generator = seed_everything(1)
 
     loops = {

@@ -32,7 +32,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from client.clipping import clipping_mod
-from client.data import exam_tensors
+from client.data import exam_set
 from client.evaluate import evaluate as score_exams
 from client.evaluate import predict
 from client.prepare import PreparedSite, prepare_site
@@ -170,7 +170,7 @@ def _global_model(msg: Message, job: _Job, last_round: int) -> nn.Module:
 def train(msg: Message, context: Context) -> Message:
     job = _Job.of(msg, context, TrainInstruction)
     task: TrainInstruction = job.task  # type: ignore[assignment]
-    data = exam_tensors([job.prepared()], "train")
+    data = exam_set([job.prepared()], "train")
     model = _global_model(msg, job, job.round - 1)
     epochs, steps = task.local_epochs, task.local_steps or None
     private = None
@@ -205,7 +205,7 @@ def _local_only_model(job: _Job, task: EvaluateInstruction) -> nn.Module:
     if path.is_file() and (stored := load_checkpoint(path)).metadata.get("budget") == budget:
         model.load_state_dict(stored.tensors)
         return model
-    train_epochs(model, exam_tensors([job.prepared()], "train"), job.config, epochs=budget["epochs"],
+    train_epochs(model, exam_set([job.prepared()], "train"), job.config, epochs=budget["epochs"],
                  steps=budget["steps"] or None, generator=job.seed(0), progress=False)
     save_checkpoint(path, model.state_dict(), {"site": job.site.name, "budget": budget})
     return model
@@ -217,7 +217,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     job = _Job.of(msg, context, EvaluateInstruction)
     task: EvaluateInstruction = job.task  # type: ignore[assignment]
     prepared = job.prepared()
-    test = exam_tensors([prepared], "test")
+    test = exam_set([prepared], "test")
     model = _global_model(msg, job, job.round)
     if task.final:  # the site's complete model: with FedBN no other holds its BatchNorm layers
         save_checkpoint(job.folder / SITE_MODEL, model.state_dict(),

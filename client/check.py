@@ -34,7 +34,8 @@ from common.labels import SPLITS
 DENSITIES = ("a", "b", "c", "d", "")
 """BI-RADS densities, and "" for unknown."""
 VIEW_NAMES = ("CC", "MLO", "CONTRA_CC", "CONTRA_MLO")
-"""The views of `PreparedSite.views` in order (the contralateral ones with `bilateral = true`)."""
+"""The views of each exam of `PreparedSite.views` in order (the contralateral ones with `bilateral =
+true`)."""
 
 
 def split_table(site: PreparedSite) -> dict[str, dict[str, Any]]:
@@ -146,7 +147,8 @@ def write_views(site: PreparedSite, out: Path) -> dict[str, list[str]]:
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, list[str]] = {}
     used: set[str] = set()
-    for exam_id, views in zip(site.exam_ids, site.views, strict=True):
+    for index, exam_id in enumerate(site.exam_ids):
+        views = site.read(index)
         name = safe_name(exam_id)
         if name in used:
             name = f"{name}-{hashlib.sha256(exam_id.encode()).hexdigest()[:8]}"

@@ -1,4 +1,9 @@
-"""Where and how precisely the model runs: device, autocast, memory format, threads and seeds."""
+"""Where and how the model runs: device, autocast, memory format, compilation and the site's processes.
+
+On CUDA: bf16 autocast where the GPU has it (fp16 with loss scaling elsewhere), channels_last (not with
+DP-SGD), cuDNN's autotuner (the views' size never changes within a run, so the fastest convolution
+algorithms are measured once; it makes GPU runs not bit-reproducible, which CPU runs remain), and one
+training process per GPU (`client.distributed`)."""
 
 from __future__ import annotations
 
@@ -18,6 +23,10 @@ class Runtime:
     amp_dtype: torch.dtype | None
     """Autocast dtype, or None for plain fp32."""
     channels_last: bool
+    processes: int = 1
+    """Training processes (DistributedDataParallel, `client.distributed`); 1 = this process alone."""
+    compile: bool = False
+    """Run the model's forward and backward through `torch.compile`."""
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
@@ -34,11 +43,17 @@ class Runtime:
             model.to(memory_format=torch.channels_last)
         return model
 
+    def compiled(self, model: nn.Module) -> nn.Module:
+        """What to call for the forward pass: `model` itself, or compiled (its weights stay `model`'s, and
+        so do its state dict's keys)."""
+        return torch.compile(model) if self.compile else model  # type: ignore[return-value]
+
 
 def resolve_runtime(config: TrainConfig, *, private: bool = False) -> Runtime:
-    """The device and precision `config` asks for. `private` (DP-SGD with Opacus) rules out channels_last,
-    which gives silently wrong per-sample gradients for conv weights. `config.device` and `.precision` are
-    among `common.config`'s DEVICES and PRECISIONS (checked when the config is read)."""
+    """The device, precision and processes `config` asks for. `private` (DP-SGD with Opacus) rules out
+    channels_last, which gives silently wrong per-sample gradients for conv weights, compilation (Opacus's
+    hooks) and several processes. `config.device` and `.precision` are among `common.config`'s DEVICES and
+    PRECISIONS (checked when the config is read)."""
     name = config.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,4 +67,14 @@ def resolve_runtime(config: TrainConfig, *, private: bool = False) -> Runtime:
         raise ValueError("train.precision 'fp16' needs CUDA; on CPU use 'bf16' or 'fp32'")
     else:
         amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
-    return Runtime(device, amp, channels_last=cuda and not private)
+    gpus = torch.cuda.device_count() if cuda else 0
+    processes = config.processes or (gpus if cuda and device.index is None and not private else 1)
+    if processes > 1 and private:
+        raise ValueError(f"train.processes = {processes} with DP-SGD: a site's DP-SGD runs in one process")
+    if cuda and processes > 1 and (device.index is not None or processes > gpus):
+        raise ValueError(f"train.processes = {processes} needs as many GPUs, with train.device 'auto' or "
+                         f"'cuda' (one process per GPU); this machine shows {gpus}")
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    return Runtime(device, amp, channels_last=cuda and not private, processes=max(processes, 1),
+                   compile=config.compile and not private)

@@ -62,6 +62,8 @@ class PrivateSGD:
     noise_multiplier: float
     history: list[tuple[float, float, int]]
     """Opacus RDPAccountant's history: (noise multiplier, sampling rate, steps)."""
+    chunk: int
+    """`train.physical_batch_size`: exams per chunk of a batch; 0 = whole batches."""
     seed: int = dataclasses.field(default_factory=lambda: secrets.randbits(63))
     """Seeds the Poisson sampling and the noise: secret (see the module docstring)."""
     _module: Any = None
@@ -86,7 +88,7 @@ class PrivateSGD:
             noise = get_noise_multiplier(target_epsilon=settings.target_epsilon, target_delta=settings.delta,
                                          sample_rate=sample_rate, steps=rounds * steps, accountant="rdp")
         history = [tuple(h) for h in previous["history"]] if previous else []
-        private = cls(settings, batch_size, sample_rate, noise, history)
+        private = cls(settings, batch_size, sample_rate, noise, history, config.train.physical_batch_size)
         budget = settings.target_epsilon
         if budget > 0 and (after := private.epsilon(extra_steps=steps)) > budget:
             raise BudgetSpent(f"privacy budget spent: ε = {private.epsilon():.3f} so far, {after:.3f} after "
@@ -105,7 +107,7 @@ class PrivateSGD:
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, exams: int
                ) -> tuple[nn.Module, torch.optim.Optimizer, Batches]:
         """Opacus's per-sample gradient module and DP optimizer for `model` (on its device) and `optimizer`,
-        and the epochs' Poisson-sampled index batches (in chunks of `physical_batch_size`, each
+        and the epochs' Poisson-sampled index batches (in chunks of `train.physical_batch_size`, each
         chunk a call of the optimizer, which steps at the end of a batch: see `stepped`)."""
         if wrong := [n for n, p in model.named_parameters() if p.ndim == 4 and not p.is_contiguous()
                      and p.is_contiguous(memory_format=torch.channels_last)]:
@@ -125,10 +127,9 @@ class PrivateSGD:
         if abs(loader.sample_rate - self.sample_rate) > 1e-12:
             raise AssertionError(f"Opacus samples at {loader.sample_rate}, accounted {self.sample_rate}")
         self._module, self._engine, self._optimizer = module, engine, optimizer
-        chunk = self.settings.physical_batch_size
-        if 0 < chunk < self.batch_size:
+        if 0 < self.chunk < self.batch_size:
             return module, optimizer, lambda: (index for (index,) in wrap_data_loader(
-                data_loader=loader, max_batch_size=chunk, optimizer=optimizer))
+                data_loader=loader, max_batch_size=self.chunk, optimizer=optimizer))
         return module, optimizer, lambda: (index for (index,) in loader)
 
     def stepped(self) -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.data import ExamTensors, batches
+from client.data import ExamSet, chunks, loader_workers, stream
 from client.device import Runtime, resolve_runtime
 from common.config import Config
 from common.model import BIRADS_CLASSES, IGNORE, MultiTaskLoss, malignancy_score
@@ -90,9 +90,9 @@ class Metrics:
                 + (f", {unknown} without pathology" if unknown else "") + ")")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(
-    model: nn.Module, data: ExamTensors, config: Config, runtime: Runtime | None = None
+    model: nn.Module, data: ExamSet, config: Config, runtime: Runtime | None = None
 ) -> Predictions:
     """Score every exam of `data` in eval mode (the model is put on the runtime's device)."""
     runtime = runtime or resolve_runtime(config.train)
@@ -100,9 +100,9 @@ def predict(
     was_training = model.training
     model.eval()
     logits, birads = [], []
-    order = torch.arange(len(data))
+    plan = chunks(torch.arange(len(data)), config.train.batch_size)
     try:
-        for batch in batches(data, order, config.train.batch_size, runtime.device):
+        for batch in stream(data, plan, runtime.device, workers=loader_workers(config.data, runtime.device)):
             with runtime.autocast():
                 out = model(batch.views)
             logits.append(out["malignancy"].float().cpu())
@@ -114,7 +114,7 @@ def predict(
     return Predictions(list(data.exam_ids), torch.cat(logits).numpy(), torch.cat(birads).numpy())
 
 
-def metrics(predictions: Predictions, data: ExamTensors, config: Config) -> Metrics:
+def metrics(predictions: Predictions, data: ExamSet, config: Config) -> Metrics:
     """Metrics of `predictions` against the labels in `data` (same exams, same order, at least one)."""
     if predictions.exam_ids != data.exam_ids or not data.exam_ids:
         raise ValueError("metrics need the predictions of the same, non-empty list of exams")
@@ -152,7 +152,7 @@ def metrics(predictions: Predictions, data: ExamTensors, config: Config) -> Metr
 
 
 def evaluate(
-    model: nn.Module, data: ExamTensors, config: Config, runtime: Runtime | None = None
+    model: nn.Module, data: ExamSet, config: Config, runtime: Runtime | None = None
 ) -> tuple[Metrics, Predictions]:
     """Predict `data` and measure the predictions against its labels."""
     predictions = predict(model, data, config, runtime)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from client.data import exam_tensors
+from client.data import exam_set
 from client.device import resolve_runtime
 from client.evaluate import Predictions, metrics, predict
 from client.prepare import PreparedSite, prepare_files, prepare_site
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         if split != "all" and not site.labelled:
             raise ValueError(f"{', '.join(args.paths)}: no labels.csv, so no splits: use --split all")
         site = site.split(split)
-        data = exam_tensors([site], "all")
+        data = exam_set([site], "all")
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

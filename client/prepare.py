@@ -13,12 +13,15 @@ Workers come from a fork server, not a plain fork: the parent may run threads (t
 would copy in a broken state. As with `spawn`, a script that calls `prepare_site` must guard its entry
 point with `if __name__ == "__main__":` (workers import the main module).
 
-Preprocessed views are cached per file (key: path, size, modification time, image size, `CACHE_VERSION`,
-`common.preprocess.VERSION`)
-and written atomically, so a second run and every federated round skip decoding. A file's rejection is
-cached too, except a time-out, which may have been a busy machine. The prepared site as a whole is kept
-as well (key: every file's path, size and modification time, and labels.csv's), so that a federated
-message, which Flower runs in a fresh process, reads one file instead of every DICOM header.
+Preprocessed views live on disk, one `.npy` per view (float16, memory-mappable; key: path, size,
+modification time, image size, `CACHE_VERSION`, `common.preprocess.VERSION`), written atomically by the
+worker that decoded it: the site is never held in memory, whatever its size, and training streams the
+views from these files (`client.data`). A second run and every federated round skip decoding. A file's
+rejection is cached too (its `.json` beside), except a time-out, which may have been a busy machine. The
+prepared site as a whole is kept as well (a `.json` keyed by every file's path, size and modification
+time, and labels.csv's), so that a federated message, which Flower runs in a fresh process, reads one file
+instead of every DICOM header. Without a cache folder the views go to a temporary folder that lives as
+long as the prepared site.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import json
 import multiprocessing
 import os
 import resource
+import tempfile
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -47,8 +51,9 @@ from common.manifest import MANIFEST_FILE, Listed, entry, read_manifest
 from common.preprocess import VERSION as INPUTS_VERSION
 from common.rejection import Rejection
 
-CACHE_VERSION = 1
-"""Bump when the cache's own layout changes (what the views hold is `common.preprocess.VERSION`)."""
+CACHE_VERSION = 2
+"""Bump when the cache's own layout changes (2: one .npy per view, not .npz); what the views hold is
+`common.preprocess.VERSION`."""
 _KEY_VERSION = f"{CACHE_VERSION}.{INPUTS_VERSION}"
 """In every cache key."""
 _TIMED_OUT = "decoding timed out"
@@ -59,16 +64,19 @@ DECODE_MEMORY_BYTES = 4 << 30
 """Address space a decoding worker may add: the largest accepted image (`common.dicom.MAX_PIXELS`) needs
 well under 2 GiB on its way through codec, LUT and resizing."""
 
-Decoded = tuple[str, np.ndarray] | str
-"""A decoded view, (laterality, float16 (H, W) model input), or the reason it was rejected."""
+Decoded = tuple[str, Path] | tuple[str, np.ndarray] | str
+"""A decoded view, (laterality, its cached `.npy` file) or, decoded without a cache, (laterality, float16
+(H, W) model input); or the reason it was rejected."""
+ViewFiles = tuple[Path, ...]
+"""An exam's views, one cached `.npy` each, in model order (`client.check.VIEW_NAMES`)."""
 
 
 @dataclass
 class PreparedSite:
     name: str
     exam_ids: list[str]
-    views: np.ndarray
-    """(N, V, H, W) float16 in [0, 1]; V = CC, MLO (+ contralateral CC, MLO when bilateral)."""
+    views: list[ViewFiles]
+    """Each exam's view files: (H, W) float16 in [0, 1]; CC, MLO (+ contralateral CC, MLO when bilateral)."""
     labels: list[ExamLabel]
     rejections: list[Rejection] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
@@ -79,12 +87,49 @@ class PreparedSite:
     """What is usable but suspicious (a DICOM PatientID that contradicts its label row)."""
     labelled: bool = True
     """False for a folder without labels.csv: new studies, scored but not trained on or evaluated."""
+    scratch: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False, compare=False)
+    """The temporary folder holding the view files when no cache folder was given (removed with the last
+    object that refers to it)."""
 
     def split(self, name: str) -> PreparedSite:
         """The exams of one split ('train', 'val', 'test'; 'all' keeps every exam)."""
         keep = [i for i, label in enumerate(self.labels) if name == "all" or label.split == name]
-        return replace(self, exam_ids=[self.exam_ids[i] for i in keep], views=self.views[keep],
+        return replace(self, exam_ids=[self.exam_ids[i] for i in keep], views=[self.views[i] for i in keep],
                        labels=[self.labels[i] for i in keep])
+
+    def read(self, index: int) -> np.ndarray:
+        """Exam `index`'s views, (V, H, W) float16."""
+        return read_views(self.views[index])
+
+
+def read_views(files: ViewFiles) -> np.ndarray:
+    """One exam's views from their files, (V, H, W) float16."""
+    return np.stack([np.load(file) for file in files])
+
+
+def site_from_arrays(name: str, views: np.ndarray, labels: Sequence[ExamLabel],
+                     folder: Path | None = None) -> PreparedSite:
+    """A prepared site from views already preprocessed, (N, V, H, W) in [0, 1] (a benchmark's, or a
+    dataset's released as arrays), written as view files in `folder` (a temporary folder, removed with the
+    site, when None)."""
+    if views.ndim != 4 or len(views) != len(labels):
+        raise ValueError(f"{name}: views of shape {views.shape} for {len(labels)} labels; expected "
+                         "(N, V, H, W)")
+    scratch = None if folder else tempfile.TemporaryDirectory(prefix="fedmammo-views-")
+    folder = Path(folder or scratch.name)  # type: ignore[union-attr]
+    files = []
+    for i, exam in enumerate(views):
+        files.append(tuple(folder / f"{name}-{i}-{v}.npy" for v in range(len(exam))))
+        for file, pixels in zip(files[-1], exam, strict=True):
+            write_view(file, pixels)
+    return PreparedSite(name, [label.exam_id for label in labels], files, list(labels), scratch=scratch)
+
+
+def write_view(file: Path, pixels: np.ndarray) -> None:
+    """Store one preprocessed view (float16 (H, W)) as a `.npy` file, atomically."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(pixels, dtype=np.float16))
+    write_atomic(file, buffer.getvalue(), durable=False)  # a lost entry is decoded again
 
 
 def decode_view(path: Path, size: tuple[int, int], listed: Listed | None = None) -> Decoded:
@@ -119,8 +164,12 @@ def _worker(conn: Connection, size: tuple[int, int], memory: int) -> None:
     conn.send("ready")
     try:
         while (job := conn.recv()) is not None:
-            path, listed = job
-            conn.send(decode_view(path, size, listed))
+            path, listed, target = job
+            result = decode_view(path, size, listed)
+            if target is not None and not isinstance(result, str):
+                write_view(target, result[1])  # the parent gets the file, not the pixels
+                result = result[0], target
+            conn.send(result)
     except (EOFError, KeyboardInterrupt):
         pass
 
@@ -145,9 +194,9 @@ class _Worker:
         self.kill()
         raise RuntimeError(f"a decoding worker failed to start (exit code {self.process.exitcode})")
 
-    def send(self, path: Path, listed: Listed | None, timeout: float) -> None:
+    def send(self, path: Path, listed: Listed | None, target: Path | None, timeout: float) -> None:
         self.path, self.deadline = path, time.monotonic() + timeout
-        self.conn.send((path, listed))
+        self.conn.send((path, listed, target))
 
     def outcome(self, ready: list[object], now: float, timeout: float) -> tuple[Decoded, bool] | None:
         """(result, whether the worker can go on), or None while it is still working."""
@@ -171,11 +220,14 @@ class _Worker:
 
 def decode_files(paths: Sequence[Path], size: tuple[int, int], workers: int, timeout: float,
                  progress: bool = False, desc: str = "decoding", memory: int = DECODE_MEMORY_BYTES,
-                 listed: Mapping[Path, Listed] | None = None) -> dict[Path, Decoded]:
+                 listed: Mapping[Path, Listed] | None = None,
+                 targets: Mapping[Path, Path] | None = None) -> dict[Path, Decoded]:
     """Decode `paths` in `workers` processes (0 = one per CPU core this process may use), each allowed
     `memory` more bytes of address space; a file still decoding after `timeout` seconds, or whose worker
-    dies, is rejected and its worker replaced. `listed`: the manifest's entries, by resolved path."""
-    listed = listed or {}
+    dies, is rejected and its worker replaced. `listed`: the manifest's entries, by resolved path.
+    `targets`: where each file's view is to be written (`write_view`, by the worker: only the file's name
+    crosses back); without one the pixels come back."""
+    listed, targets = listed or {}, targets or {}
     results: dict[Path, Decoded] = {}
     todo = deque(paths)
     idle: list[_Worker] = []
@@ -188,7 +240,7 @@ def decode_files(paths: Sequence[Path], size: tuple[int, int], workers: int, tim
             while idle and todo:
                 worker = idle.pop()
                 try:
-                    worker.send(todo[0], entry(listed, todo[0]), timeout)
+                    worker.send(todo[0], entry(listed, todo[0]), targets.get(todo[0]), timeout)
                 except OSError:  # it died while idle (e.g. killed for memory): replace it
                     worker.kill()
                     idle.append(_Worker(size, memory))
@@ -219,93 +271,100 @@ def decode_files(paths: Sequence[Path], size: tuple[int, int], workers: int, tim
 
 
 class _Cache:
-    """Decoded views on disk, one .npz per file and image size."""
+    """Decoded views on disk: per file and image size, `<key>.npy` (the view) and `<key>.json` (its
+    laterality, or the reason it was rejected); per site, `site-<folder>-<key>.json`."""
 
     def __init__(self, folder: Path | None, size: tuple[int, int]) -> None:
-        self.folder, self.size = folder, size
+        self.scratch = None if folder else tempfile.TemporaryDirectory(prefix="fedmammo-views-")
+        self.folder = Path(folder or self.scratch.name)  # type: ignore[union-attr]
+        self.size = size
 
-    def _file(self, path: Path, listed: Listed | None) -> Path | None:
-        if self.folder is None:
-            return None
+    def _key(self, path: Path, listed: Listed | None) -> Path | None:
+        """The entry's path without suffix; None when `path` vanished."""
         try:
             stat = path.stat()
         except OSError:
             return None
         key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{self.size}\0{_KEY_VERSION}\0{listed}"
-        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()}.npz"
+        return self.folder / hashlib.sha256(key.encode()).hexdigest()
+
+    def target(self, path: Path, listed: Listed | None) -> Path | None:
+        """Where `path`'s view is to be written."""
+        key = self._key(path, listed)
+        return None if key is None else key.with_suffix(".npy")
+
+    def _valid(self, file: Path) -> bool:
+        """Whether `file` holds a whole view of this size (its header and length; the pixels are not read)."""
+        try:
+            view = np.load(file, mmap_mode="r")
+        except Exception:  # missing, truncated or foreign: decode again
+            return False
+        return view.shape == self.size and view.dtype == np.float16
 
     def load(self, path: Path, listed: Listed | None) -> Decoded | None:
-        file = self._file(path, listed)
-        if file is None or not file.exists():
+        key = self._key(path, listed)
+        if key is None:
             return None
         try:
-            with np.load(file) as data:
-                if "reason" in data:
-                    return str(data["reason"])
-                pixels = data["pixels"]
-                if pixels.shape != self.size or pixels.dtype != np.float16:
-                    return None
-                return str(data["laterality"]), pixels
-        except Exception:  # a damaged entry (disk full, foreign file): decode again
+            record = json.loads(key.with_suffix(".json").read_text())
+            if "reason" in record:
+                return str(record["reason"])
+            laterality = str(record["laterality"])
+        except Exception:  # no entry, or a damaged one: decode again
             return None
+        view = key.with_suffix(".npy")
+        return (laterality, view) if self._valid(view) else None
 
     def store(self, path: Path, listed: Listed | None, result: Decoded) -> None:
-        file = self._file(path, listed)
-        if file is None or (isinstance(result, str) and result.startswith(_TIMED_OUT)):
+        """Record `result` (its view already written by the worker)."""
+        key = self._key(path, listed)
+        if key is None or (isinstance(result, str) and result.startswith(_TIMED_OUT)):
             return
-        buffer = io.BytesIO()
-        if isinstance(result, str):
-            np.savez(buffer, reason=np.array(result))
-        else:
-            np.savez(buffer, laterality=np.array(result[0]), pixels=result[1])
-        write_atomic(file, buffer.getvalue())
+        record = {"reason": result} if isinstance(result, str) else {"laterality": result[0]}
+        write_atomic(key.with_suffix(".json"), json.dumps(record), durable=False)
 
-
-    def site_key(self, root: Path, files: Sequence[Path], config: Config) -> str | None:
+    def site_key(self, root: Path, files: Sequence[Path], config: Config) -> str:
         """The key of a whole prepared site: every file's path, size and modification time (those the
         manifest lists outside the folder too), labels.csv's and images.csv's (or their absence), and the
-        settings that shape the arrays. None when there is no cache or a file vanished."""
-        if self.folder is None:
-            return None
+        settings that shape the arrays."""
         digest = hashlib.sha256(f"{_KEY_VERSION}\0{self.size}\0{config.data.bilateral}\0"
                                 f"{config.data.generated_2d}".encode())
-        try:
-            for path in [root / LABELS_FILE, root / MANIFEST_FILE, *files]:
-                stat = path.stat() if path.exists() or path.name not in (LABELS_FILE, MANIFEST_FILE) else None
-                digest.update(f"\0{path.resolve()}\0{stat and (stat.st_size, stat.st_mtime_ns)}".encode())
-        except OSError:
-            return None
+        for path in [root / LABELS_FILE, root / MANIFEST_FILE, *files]:
+            try:
+                stat = path.stat()
+                digest.update(f"\0{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+            except OSError:  # absent: labels.csv or images.csv not there, or a file just removed
+                digest.update(f"\0{path.resolve()}\0-".encode())
         return digest.hexdigest()
 
     def _site_file(self, root: Path, key: str) -> Path:
-        assert self.folder is not None
-        return self.folder / f"site-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}-{key}.npz"
+        folder = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+        return self.folder / f"site-{folder}-{key}.json"
 
-    def load_site(self, root: Path, key: str | None) -> PreparedSite | None:
-        if key is None or not (file := self._site_file(root, key)).exists():
-            return None
+    def load_site(self, root: Path, key: str) -> PreparedSite | None:
+        """The site kept under `key`, if every view file it names is still whole."""
         try:
-            with np.load(file) as data:
-                meta = json.loads(str(data["meta"]))
-                views = data["views"]
-        except Exception:  # a damaged entry: prepare the site again
+            meta = json.loads(self._site_file(root, key).read_text())
+            views = [tuple(self.folder / name for name in exam) for exam in meta["views"]]
+        except Exception:  # none, or a damaged entry: prepare the site again
+            return None
+        if not all(self._valid(file) for exam in views for file in exam):
             return None
         return PreparedSite(meta["name"], meta["exam_ids"], views, [ExamLabel(**x) for x in meta["labels"]],
                             [Rejection(*x) for x in meta["rejections"]], meta["counts"], meta["warnings"],
-                            meta["labelled"])
+                            meta["labelled"], self.scratch)
 
-    def store_site(self, root: Path, key: str | None, site: PreparedSite) -> None:
+    def store_site(self, root: Path, key: str, site: PreparedSite) -> None:
         """Keep `site` under `key`, replacing what was kept for the same folder's earlier contents."""
-        if key is None or any(r.reason.startswith(_TIMED_OUT) for r in site.rejections):
+        if any(r.reason.startswith(_TIMED_OUT) for r in site.rejections):
             return
         meta = {"name": site.name, "exam_ids": site.exam_ids, "labels": [asdict(x) for x in site.labels],
+                "views": [[file.name for file in exam] for exam in site.views],
                 "rejections": [(r.source, r.reason) for r in site.rejections], "counts": site.counts,
                 "warnings": site.warnings, "labelled": site.labelled}
-        buffer = io.BytesIO()
-        np.savez(buffer, views=site.views, meta=np.array(json.dumps(meta)))
         file = self._site_file(root, key)
-        write_atomic(file, buffer.getvalue())
-        for old in file.parent.glob(file.name.rsplit("-", 1)[0] + "-*.npz"):
+        write_atomic(file, json.dumps(meta))
+        for old in file.parent.glob(file.name.rsplit("-", 1)[0] + "-*.json"):
             if old != file:
                 old.unlink(missing_ok=True)
 
@@ -315,9 +374,12 @@ def _decode(paths: Sequence[Path], listed: Mapping[Path, Listed], config: Config
     listing = {p: entry(listed, p) for p in paths}
     results = {p: r for p in paths if (r := cache.load(p, listing[p])) is not None}
     todo = [p for p in paths if p not in results]
+    targets = {p: t for p in todo if (t := cache.target(p, listing[p])) is not None}
     decoded = decode_files(todo, config.data.image_size, config.data.workers, config.data.decode_timeout_s,
-                           progress, desc, listed=listed)
+                           progress, desc, listed=listed, targets=targets)
     for path, result in decoded.items():
+        if not isinstance(result, str) and path not in targets:  # vanished since: not cached, not usable
+            result = decoded[path] = "file vanished while being read"
         cache.store(path, listing[path], result)
     return results | decoded
 
@@ -328,8 +390,9 @@ def prepare_site(root: Path, config: Config, cache_dir: str | Path | None = None
     Without labels.csv every complete breast is an exam to score, with no targets.
 
     The cache lives in `config.data.cache_dir` if set, else in `cache_dir` (the caller's default, e.g.
-    `<output>/cache`); with neither, nothing is cached. Raises ValueError when the folder, its labels file
-    or its manifest as a whole is unusable; everything smaller is a rejection in the result.
+    `<output>/cache`); with neither, in a temporary folder removed with the result. Raises ValueError when
+    the folder, its labels file or its manifest as a whole is unusable; everything smaller is a rejection
+    in the result.
     """
     root = Path(root)
     if not root.is_dir():
@@ -337,7 +400,7 @@ def prepare_site(root: Path, config: Config, cache_dir: str | Path | None = None
     folder = config.data.cache_dir or cache_dir
     cache = _Cache(Path(folder) if folder else None, config.data.image_size)
     listed, rejected = read_manifest(root)
-    files = with_listed(site_files(root, skip=[cache.folder] if cache.folder else []), listed)
+    files = with_listed(site_files(root, skip=[cache.folder]), listed)
     # Every federated message prepares the site anew (Flower starts a process per message): with nothing
     # changed since the last time, the whole result is one file, not a header read per DICOM file.
     key = cache.site_key(root, files, config)
@@ -396,10 +459,7 @@ def _prepare(name: str, files: Sequence[Path], labels: dict[str, ExamLabel] | No
         else:
             usable.append(exam)
 
-    views = np.zeros((len(usable), 4 if config.data.bilateral else 2, *config.data.image_size), np.float16)
-    for i, exam in enumerate(usable):
-        for j, path in enumerate(exam.paths):
-            views[i, j] = decoded[path][1]
+    views = [tuple(decoded[path][1] for path in exam.paths) for exam in usable]  # type: ignore[misc]
     generated = {h.path for h in resolved if h.generated}
     used = [p for exam in usable for p in exam.paths]
     counts = {"files": len(files), "views": len(headers), "exams_labelled": len(labels or {}),
@@ -408,7 +468,7 @@ def _prepare(name: str, files: Sequence[Path], labels: dict[str, ExamLabel] | No
               "views_generated": sum(p in generated for p in used)}
     warnings = patient_mismatches(usable, {h.path: h.patient_id for h in resolved}) if labels else []
     return PreparedSite(name, [e.exam_id for e in usable], views, [e.label for e in usable], rejections,
-                        counts, warnings, labels is not None)
+                        counts, warnings, labels is not None, cache.scratch)
 
 
 def patient_mismatches(exams: Sequence[Exam], patient_of: Mapping[Path, str]) -> list[str]:

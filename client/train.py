@@ -3,29 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from client.data import (
-    ExamTensors,
-    batch_of,
-    batches,
+    ExamSet,
+    chunks,
     device_generator,
     epoch_order,
-    exam_tensors,
+    exam_set,
+    loader_workers,
     pos_weight,
+    stream,
 )
 from client.device import Runtime, resolve_runtime
+from client.distributed import launch, rank_and_world
 from client.evaluate import Metrics, evaluate
 from client.prepare import PreparedSite, prepare_site
 from common.atomic import write_atomic
@@ -82,9 +89,37 @@ def planned_steps(exams: int, batch_size: int, epochs: int, steps: int | None) -
     return steps if steps is not None else epochs * math.ceil(exams / batch_size)
 
 
+class Part(NamedTuple):
+    """What one process computes of one optimiser step: a chunk of the step's batch."""
+
+    index: list[int]
+    scale: float
+    """Its summed loss times this is its share of the batch's mean loss, averaged over processes."""
+    first: bool
+    last: bool
+
+
+def step_plan(order: Tensor, batch_size: int, chunk: int, rank: int = 0, world: int = 1) -> list[Part]:
+    """One epoch's batches of `batch_size` exams in `order`, each shared among `world` processes and each
+    share cut into chunks of at most `chunk` exams (0 = no cut) whose gradients accumulate: the step's
+    gradient is the whole batch's. Every process gets as many chunks, none empty, so that their gradient
+    exchanges match (a share then holds a few more than `chunk` exams where the share sizes differ); a
+    last batch with fewer exams than processes is left out."""
+    plan = []
+    for batch in chunks(order, batch_size):
+        if len(batch) < world:
+            continue
+        smallest, largest = len(batch) // world, math.ceil(len(batch) / world)
+        pieces = min(smallest, math.ceil(largest / chunk)) if chunk else 1
+        share = [x.tolist() for x in torch.tensor(batch).tensor_split(world)][rank]
+        cut = [x.tolist() for x in torch.tensor(share).tensor_split(pieces)]
+        plan += [Part(piece, world / len(batch), k == 0, k == pieces - 1) for k, piece in enumerate(cut)]
+    return plan
+
+
 def train_epochs(
     model: nn.Module,
-    train_data: ExamTensors,
+    train_data: ExamSet,
     config: Config,
     *,
     epochs: int | None = None,
@@ -108,29 +143,48 @@ def train_epochs(
     With `private` (`client.dp`), DP-SGD: Poisson-sampled batches, clipped per-exam gradients, noise.
     `position` = (epochs of the whole run done before this call, epochs in the whole run) places the
     call's epochs on `config.train.lr_schedule` (default: this call is the whole run).
+
+    With `runtime.processes` > 1 the call trains in that many new processes, one per GPU
+    (DistributedDataParallel: each computes a share of every batch), and `model` and `optimizer` receive
+    the result; inside such a process the group is joined here.
     """
     if len(train_data) == 0:
         raise ValueError("no training exams")
     runtime = runtime or resolve_runtime(config.train, private=private is not None)
     generator = generator or seed_everything(config.train.seed)
+    if private is not None and mu > 0:
+        raise ValueError("DP-SGD with FedProx: the proximal term's gradient bypasses per-exam clipping")
+    if runtime.processes > 1 and not dist.is_initialized():
+        return _train_distributed(model, train_data, config, runtime, optimizer, generator,
+                                  {"epochs": epochs, "steps": steps, "mu": mu, "position": position},
+                                  global_weights)
+    rank, world = rank_and_world()
     runtime.place(model)
     optimizer = optimizer or make_optimizer(model, config)
-    if private is not None:
-        if mu > 0:
-            raise ValueError("DP-SGD with FedProx: the proximal term's gradient bypasses per-exam clipping")
-        model, optimizer, poisson_batches = private.attach(model, optimizer, len(train_data))
-    criterion = MultiTaskLoss(config.model.birads_loss_weight, pos_weight(train_data, config.train.balance))
-    criterion.to(runtime.device)
     anchors = _proximal_anchors(model, global_weights, runtime.device) if mu > 0 else []
+    synced: DistributedDataParallel | None = None
+    if private is not None:
+        model, optimizer, poisson_batches = private.attach(model, optimizer, len(train_data))
+        net = model
+    else:
+        net = runtime.compiled(model)
+        if world > 1:
+            gpu = [runtime.device] if runtime.device.type == "cuda" else None
+            synced = DistributedDataParallel(model, device_ids=gpu)
+            net = runtime.compiled(synced)
+    criterion = MultiTaskLoss(config.model.birads_loss_weight, pos_weight(train_data, config.train.balance),
+                              reduction="none")
+    criterion.to(runtime.device)
     scaler = runtime.scaler()
     batch_size = config.train.batch_size
     total_steps = planned_steps(len(train_data), batch_size, epochs or config.train.epochs, steps)
     steps_per_epoch = planned_steps(len(train_data), batch_size, 1, None)
     if total_steps < 1:
         raise ValueError(f"nothing to train: {total_steps} steps")
+    workers = 0 if private is not None else loader_workers(config.data, runtime.device)
 
     model.train()
-    loss_sum = torch.zeros((), device=runtime.device)
+    loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
     done = exams = 0
     start = time.perf_counter()
     with tqdm(total=total_steps, desc=desc, unit="batch", disable=not progress, leave=False) as bar:
@@ -141,23 +195,37 @@ def train_epochs(
                 group["lr"] = scheduled_lr(config.train, (first + epoch) / run_epochs)
             epoch += 1
             order = epoch_order(train_data, config.train.balance, generator)
-            augment = device_generator(runtime.device, generator) if config.train.augment else None
-            stream = (batches(train_data, order, batch_size, runtime.device, augment) if private is None else
-                      (batch_of(train_data, index, runtime.device, augment) for index in poisson_batches()))
-            for batch in stream:
-                with runtime.autocast():
-                    outputs = model(batch.views)
-                loss = criterion(outputs, batch.malignant, batch.birads_class)
-                objective = loss
-                if anchors:
-                    objective = loss + mu / 2 * sum((p - a).pow(2).sum() for p, a in anchors)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(objective).backward()
+            augment = device_generator(runtime.device, generator, rank) if config.train.augment else None
+            if private is None:
+                plan = step_plan(order, batch_size, config.train.physical_batch_size, rank, world)
+                parts = zip(stream(train_data, [part.index for part in plan], runtime.device, workers=workers,
+                                   augment_generator=augment), plan, strict=True)
+            else:  # Opacus's loader signals the chunks' steps as it is read: lazily, in this process
+                poisson = (index.tolist() for index in poisson_batches())
+                parts = ((batch, None) for batch in stream(train_data, poisson, runtime.device,
+                                                           augment_generator=augment))
+            for batch, part in parts:
+                if part is None or part.first:
+                    optimizer.zero_grad(set_to_none=True)
+                wait = synced is not None and part is not None and not part.last
+                with synced.no_sync() if wait else contextlib.nullcontext():  # type: ignore[union-attr]
+                    with runtime.autocast():
+                        outputs = net(batch.views)
+                    losses = criterion(outputs, batch.malignant, batch.birads_class)
+                    if part is None:  # DP-SGD: Opacus's accounting of a chunk expects the chunk's mean
+                        objective = losses.mean()
+                    else:
+                        objective = losses.sum() * part.scale
+                        if anchors:
+                            proximal = mu / 2 * sum((p - a).pow(2).sum() for p, a in anchors)
+                            objective = objective + proximal * len(part.index) * part.scale
+                    scaler.scale(objective).backward()
+                loss_sum += losses.detach().sum()
+                exams += len(batch.views)
+                if part is not None and not part.last:
+                    continue  # a chunk of the step's batch (`physical_batch_size`)
                 scaler.step(optimizer)
                 scaler.update()
-                if len(batch.views):  # a Poisson batch may be empty (a noise-only step)
-                    loss_sum += loss.detach() * len(batch.views)
-                exams += len(batch.views)
                 if private is not None and not private.stepped():
                     continue  # a chunk of a DP-SGD batch (`physical_batch_size`)
                 done += 1
@@ -170,7 +238,54 @@ def train_epochs(
         torch.cuda.synchronize(runtime.device)
     if private is not None:
         private.detach()
+    if world > 1:  # the loss over every process's exams
+        totals = torch.stack([loss_sum, torch.tensor(exams, device=runtime.device, dtype=torch.float64)])
+        dist.all_reduce(totals)
+        loss_sum, exams = totals[0], int(totals[1])
     return TrainMetrics(float(loss_sum) / max(exams, 1), done, exams, time.perf_counter() - start)
+
+
+def _train_distributed(model: nn.Module, data: ExamSet, config: Config, runtime: Runtime,
+                       optimizer: torch.optim.Optimizer | None, generator: torch.Generator,
+                       options: dict[str, Any], global_weights: Mapping[str, Tensor] | None) -> TrainMetrics:
+    """`train_epochs` in `runtime.processes` processes (`client.distributed`), all drawing the same order
+    from one seed; process 0 hands back the weights, the optimiser's state and the metrics."""
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    with tempfile.TemporaryDirectory(prefix="fedmammo-ddp-") as tmp:
+        folder = Path(tmp)
+        anchor = dict(global_weights) if global_weights is not None else None
+        kept = (None, None, None) if optimizer is None else (  # the same optimiser in every process
+            type(optimizer).__name__, optimizer.defaults, optimizer.state_dict())
+        torch.save({"model": model.state_dict(), "optimizer": kept, "global": anchor}, folder / "start.pt")
+        launch(_train_process, runtime.processes, runtime.device.type == "cuda", folder, data, config,
+               runtime, seed, options)
+        result = torch.load(folder / "end.pt", weights_only=True)
+    model.load_state_dict(result["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(result["optimizer"])
+    return TrainMetrics(**result["metrics"])
+
+
+def _train_process(rank: int, device: torch.device, folder: Path, data: ExamSet, config: Config,
+                   runtime: Runtime, seed: int, options: dict[str, Any]) -> None:
+    """One process of `_train_distributed`."""
+    start = torch.load(folder / "start.pt", weights_only=True)
+    model = build_model(dataclasses.replace(config.model, pretrained=None), config.data.bilateral)
+    model.load_state_dict(start["model"])
+    runtime = dataclasses.replace(runtime, device=device, processes=1)
+    runtime.place(model)
+    kind, defaults, state = start["optimizer"]
+    optimizer = (getattr(torch.optim, kind)(model.parameters(), **defaults) if kind
+                 else make_optimizer(model, config))
+    if state is not None:
+        optimizer.load_state_dict(state)
+    metrics = train_epochs(model, data, config, optimizer=optimizer, runtime=runtime,
+                           generator=torch.Generator().manual_seed(seed), global_weights=start["global"],
+                           progress=False, **options)
+    if rank == 0:
+        torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()},
+                    "optimizer": optimizer.state_dict(), "metrics": dataclasses.asdict(metrics)},
+                   folder / "end.pt")
 
 
 def _proximal_anchors(
@@ -260,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
         state = (_resume(out, model, optimizer, config) if args.resume
                  else {"epoch": 0, "history": [], "best": None})
         sites = _load_sites(args.dirs, config, out / "cache")
-        data = {split: exam_tensors(sites, split) for split in ("train", "val", "test")}
+        data = {split: exam_set(sites, split) for split in ("train", "val", "test")}
         if len(data["train"]) == 0:
             raise ValueError(f"no usable training exams in {', '.join(args.dirs)} (see `fedmammo check`)")
     except (ValueError, OSError) as exc:

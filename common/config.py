@@ -61,6 +61,9 @@ class DataConfig:
     """Seconds one file's decoding may take; a slower file is rejected, so a run never hangs on one file."""
     workers: int = _rule(0, low=0)
     """Processes decoding DICOM in parallel (a count); 0 = one per CPU core."""
+    loader_workers: int = _rule(-1, low=-1)
+    """Processes reading cached views for the model (a count; `client.data.loader_workers`): 0 = in the
+    training process; -1 = none on the CPU, up to 8 per GPU on CUDA."""
     cache_dir: str | None = _rule(None)
     """Folder (a path) where preprocessed views are cached; default: `<output>/cache`."""
     generated_2d: str = _rule("avoid", choices=GENERATED_2D)
@@ -95,7 +98,12 @@ class TrainConfig:
     """Passes over the training exams (epochs) of a local run (`fedmammo train`), and the default number of
     rounds of `fedmammo demo` (a federated run's length is its `num-server-rounds`)."""
     batch_size: int = _rule(8, low=1)
-    """Exams per optimiser step; with DP-SGD the expected size of the Poisson-sampled batch."""
+    """Exams per optimiser step (the effective batch); with DP-SGD the expected size of the Poisson-sampled
+    batch."""
+    physical_batch_size: int = _rule(0, low=0)
+    """Run each batch in chunks of at most this many exams per process, their gradients accumulated
+    (Opacus's BatchMemoryManager with DP-SGD): a batch larger than a GPU's memory holds at once; 0 = whole
+    batches."""
     lr: float = _rule(3e-4, low=0, open_low=True)
     """AdamW's learning rate (per step, > 0): every epoch's with `constant`, the peak of `cosine`."""
     lr_schedule: str = _rule("constant", choices=LR_SCHEDULES)
@@ -118,6 +126,12 @@ class TrainConfig:
     """Malignancy score (on the 0–100 scale) at or above which an exam counts as positive."""
     num_threads: int = _rule(0, low=0)
     """CPU threads for torch (a count); 0 = torch's default."""
+    processes: int = _rule(0, low=0)
+    """Training processes at the site (DistributedDataParallel, one per GPU, started by the site's own
+    command; `client.distributed`); 0 = one per visible CUDA device with `device` `auto`/`cuda`, else 1.
+    On the CPU, N > 1 runs N processes over gloo (for testing)."""
+    compile: bool = _rule(False)
+    """Compile the model with `torch.compile` (faster steps on GPUs after a compilation of minutes)."""
 
 
 @dataclass
@@ -160,9 +174,6 @@ class PrivacyConfig:
     delta: float = _rule(1e-5, low=0, high=1, open_low=True, open_high=True)
     """δ of the (ε, δ) guarantee, a probability in (0, 1); keep it well below 1 / (a site's training
     exams)."""
-    physical_batch_size: int = _rule(0, low=0)
-    """Run each (logical) batch of `train.batch_size` exams in chunks of at most this many exams (Opacus's
-    BatchMemoryManager): large batches, which DP-SGD needs, in the memory of small ones; 0 = no chunks."""
 
 
 @dataclass

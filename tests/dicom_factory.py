@@ -366,3 +366,8 @@ def combination_study(root: Path, study: str, laterality: str, *, patient: str =
         ds = study_object(sop_class, study=study, patient=patient, laterality=laterality)
         paths[kind] = [save(ds, folder / f"{laterality}_{kind.replace(' ', '_')}.dcm")]
     return paths
+
+
+def views_array(site: object) -> np.ndarray:
+    """A prepared site's views (N, V, H, W), read from its view files (`client.prepare.PreparedSite`)."""
+    return np.stack([site.read(i) for i in range(len(site.exam_ids))])  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ from dicom_factory import (
     study_object,
     uid,
     view_file,
+    views_array,
     write_labels,
 )
 
@@ -142,7 +143,7 @@ def test_prepare_and_check_count_what_was_chosen(site: Site,
     first = next(iter(studies))
     kept = studies[first]["acquired" if generated_2d == "avoid" else "generated"][0]
     expected = preprocess_view(read_view(kept).pixels, SIZE).astype(np.float16)
-    np.testing.assert_array_equal(prepared.views[prepared.exam_ids.index(first), 0], expected)
+    np.testing.assert_array_equal(views_array(prepared)[prepared.exam_ids.index(first), 0], expected)
 
     config = tmp_path / "check.toml"
     config.write_text(f'[data]\nimage_size = [64, 48]\nworkers = 1\ngenerated_2d = "{generated_2d}"\n')

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dicom_factory import mg_dataset, phantom, save, to_stored, write_labels
+from dicom_factory import mg_dataset, phantom, save, to_stored, views_array, write_labels
 from pydicom.uid import JPEG2000Lossless, SecondaryCaptureImageStorage
 
 from client.prepare import prepare_site
@@ -83,7 +83,7 @@ def test_listed_images_are_read_whatever_their_headers_say(site: Path) -> None:
         assert view.study_instance_uid == "CASE 7"
         assert view.pixels[:, 0].mean() > view.pixels[:, -1].mean()  # chest wall at column 0, both breasts
         expected = preprocess_view(view.pixels, SIZE).astype(np.float16)
-        np.testing.assert_array_equal(prepared.views[i // 2, i % 2], expected)
+        np.testing.assert_array_equal(views_array(prepared)[i // 2, i % 2], expected)
 
 
 def test_the_same_files_without_the_manifest_are_refused(site: Path) -> None:
@@ -142,5 +142,5 @@ def test_the_site_cache_notices_a_listed_file_outside_the_folder_changing(site: 
     outside = tmp_path / "dataset" / "c.dcm"
     _stripped(outside, "R", "CC", seed=30)  # the dataset's file replaced in place
     after = prepare_site(site, config, progress=False)
-    assert not np.array_equal(before.views[1, 0], after.views[1, 0])
-    np.testing.assert_array_equal(before.views[0], after.views[0])
+    assert not np.array_equal(views_array(before)[1, 0], views_array(after)[1, 0])
+    np.testing.assert_array_equal(views_array(before)[0], views_array(after)[0])

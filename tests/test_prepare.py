@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dicom_factory import mg_dataset, save, view_file, write_exam, write_labels, write_site
+from dicom_factory import mg_dataset, save, view_file, views_array, write_exam, write_labels, write_site
 from pydicom.uid import JPEG2000Lossless
 
 import client.prepare as prepare
@@ -40,8 +40,8 @@ def _file(root: Path, patient: str, laterality: str, view: str) -> Path:
 
 
 def _view_files(cache: Path) -> list[Path]:
-    """The per-file cache entries (not the whole-site ones, `site-*.npz`)."""
-    return [p for p in cache.glob("*.npz") if not p.name.startswith("site-")]
+    """The per-file cache entries (one `.npy` per view)."""
+    return list(cache.glob("*.npy"))
 
 
 def _touch(path: Path) -> None:
@@ -58,10 +58,10 @@ def test_every_exam_in_label_order_with_its_views(tmp_path: Path) -> None:
     site = prepare_site(root, _config(), progress=False)
     assert site.name == "hospital"
     assert site.exam_ids == [f"{r['study_uid']}_{r['laterality']}" for r in rows]
-    assert site.views.shape == (6, 2, *SIZE) and site.views.dtype == np.float16
-    assert float(site.views.min()) >= 0.0 and float(site.views.max()) <= 1.0
-    np.testing.assert_array_equal(site.views[1, 0], _expected(_file(root, "P001", "R", "CC")))
-    np.testing.assert_array_equal(site.views[1, 1], _expected(_file(root, "P001", "R", "MLO")))
+    assert views_array(site).shape == (6, 2, *SIZE) and views_array(site).dtype == np.float16
+    assert float(views_array(site).min()) >= 0.0 and float(views_array(site).max()) <= 1.0
+    np.testing.assert_array_equal(views_array(site)[1, 0], _expected(_file(root, "P001", "R", "CC")))
+    np.testing.assert_array_equal(views_array(site)[1, 1], _expected(_file(root, "P001", "R", "MLO")))
     assert [x.malignant for x in site.labels] == [True, False, False, True, False, False]
     assert [x.birads for x in site.labels] == [5, 3, 3, 5, 3, 3]
     assert site.rejections == []
@@ -69,7 +69,7 @@ def test_every_exam_in_label_order_with_its_views(tmp_path: Path) -> None:
                            "exams_usable": 6, "views_acquired": 12, "views_generated": 0}
     train = site.split("train")
     assert train.exam_ids == [site.exam_ids[0], site.exam_ids[3]]
-    np.testing.assert_array_equal(train.views[1], site.views[3])
+    np.testing.assert_array_equal(views_array(train)[1], views_array(site)[3])
     assert [x.malignant for x in train.labels] == [True, True] and len(site.split("all").exam_ids) == 6
 
 
@@ -77,11 +77,11 @@ def test_bilateral_adds_the_contralateral_views(tmp_path: Path) -> None:
     root = tmp_path / "site"
     write_site(root, 3, bilateral=True)
     site = prepare_site(root, _config(bilateral=True), progress=False)
-    assert site.views.shape == (3, 4, *SIZE)
-    np.testing.assert_array_equal(site.views[0, 2], _expected(_file(root, "P000", "R", "CC")))
-    np.testing.assert_array_equal(site.views[0, 3], _expected(_file(root, "P000", "R", "MLO")))
+    assert views_array(site).shape == (3, 4, *SIZE)
+    np.testing.assert_array_equal(views_array(site)[0, 2], _expected(_file(root, "P000", "R", "CC")))
+    np.testing.assert_array_equal(views_array(site)[0, 3], _expected(_file(root, "P000", "R", "MLO")))
     ipsilateral = prepare_site(root, _config(), progress=False)
-    assert ipsilateral.views.shape == (3, 2, *SIZE) and ipsilateral.rejections == []
+    assert views_array(ipsilateral).shape == (3, 2, *SIZE) and ipsilateral.rejections == []
 
 
 def test_laterality_from_the_pixels_pairs_untagged_views(tmp_path: Path) -> None:
@@ -110,7 +110,7 @@ def test_cache_skips_decoding_and_follows_changed_files(tmp_path: Path,
     monkeypatch.setattr(prepare, "decode_files", spy)
     second = prepare_site(root, _config(), cache_dir=cache, progress=False)
     assert decoded == []
-    np.testing.assert_array_equal(second.views, first.views)
+    np.testing.assert_array_equal(views_array(second), views_array(first))
 
     changed = _file(root, "P001", "R", "MLO")
     _touch(changed)
@@ -133,13 +133,13 @@ def test_an_unchanged_site_is_read_back_whole_without_reading_a_header(
     assert (second.name, second.exam_ids, second.labels, second.rejections, second.counts) == \
         (first.name, first.exam_ids, first.labels, first.rejections, first.counts)
     assert [r.kind for r in second.rejections] == ["not DICOM", "incomplete exam"]
-    np.testing.assert_array_equal(second.views, first.views)
+    np.testing.assert_array_equal(views_array(second), views_array(first))
     with pytest.raises(pytest.fail.Exception):  # any changed file, labels.csv included, reads the site anew
         _touch(root / "labels.csv")
         prepare_site(root, _config(), cache_dir=cache, progress=False)
     monkeypatch.undo()
     prepare_site(root, _config(), cache_dir=cache, progress=False)
-    assert len(list(cache.glob("site-*.npz"))) == 1  # what was kept for the old contents is replaced
+    assert len(list(cache.glob("site-*.json"))) == 1  # what was kept for the old contents is replaced
 
 
 def test_a_rejected_file_is_cached_with_its_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -148,7 +148,7 @@ def test_a_rejected_file_is_cached_with_its_reason(tmp_path: Path, monkeypatch: 
     cc = _file(root, "P000", "L", "CC")
     cc.write_bytes(cc.read_bytes()[:-1000])
     first = prepare_site(root, _config(), cache_dir=cache, progress=False)
-    for whole in cache.glob("site-*.npz"):  # this test is about the per-file cache
+    for whole in cache.glob("site-*.json"):  # this test is about the per-file cache
         whole.unlink()
     monkeypatch.setattr(prepare, "decode_files", lambda paths, *a, **k: {p: "unexpected" for p in paths})
     second = prepare_site(root, _config(), cache_dir=cache, progress=False)
@@ -192,8 +192,9 @@ def test_a_decoder_that_dies_is_rejected_and_the_rest_goes_on(tmp_path: Path, sl
     handed: queue.Queue[multiprocessing.Process] = queue.Queue()
     send = prepare._Worker.send
 
-    def send_and_tell(worker: prepare._Worker, path: Path, listed: Listed | None, timeout: float) -> None:
-        send(worker, path, listed, timeout)
+    def send_and_tell(worker: prepare._Worker, path: Path, listed: Listed | None, target: Path | None,
+                      timeout: float) -> None:
+        send(worker, path, listed, target, timeout)
         if path.name == "0_slow.dcm":
             handed.put(worker.process)
 

@@ -21,12 +21,14 @@ from opacus.accountants import RDPAccountant
 from test_federation_support import run_in_process
 
 from client.app import app as client_app
-from client.data import ExamTensors
+from client.data import exam_set
 from client.dp import PrivateSGD
+from client.prepare import site_from_arrays
 from client.train import run as run_local
 from client.train import train_epochs
 from common.checkpoint import load_checkpoint
 from common.config import config_from_dict, load_config
+from common.labels import ExamLabel
 from common.model import DualViewDenseNet, MultiTaskLoss, initial_model
 from common.protocol import CENTRAL_DP, WEIGHTS
 from server.state import exchanged_keys
@@ -177,8 +179,8 @@ def test_local_training_refuses_a_dp_config(tmp_path, capsys):
 def _private(noise: float, batch_size: int, sample_rate: float = 1.0, chunk: int = 0) -> PrivateSGD:
     config = config_from_dict({"model": {"norm": "group"}, "train": {"batch_size": batch_size},
                                "privacy": {"dp_sgd": True, "noise_multiplier": max(noise, 1.0),
-                                           "max_grad_norm": 0.5, "physical_batch_size": chunk}})
-    return PrivateSGD(config.privacy, batch_size, sample_rate, noise, [], seed=2)
+                                           "max_grad_norm": 0.5}})
+    return PrivateSGD(config.privacy, batch_size, sample_rate, noise, [], chunk, seed=2)
 
 
 def test_dp_sgd_clips_each_exams_gradient(tmp_path):
@@ -225,8 +227,9 @@ def test_dp_sgd_in_chunks_trains_as_whole_batches():
     step, the same update (no noise here; up to float32 rounding), the same account. A chunk counted as a
     step would end the round on a skipped step: no update at all."""
     torch.manual_seed(0)
-    data = ExamTensors([str(i) for i in range(8)], torch.rand(8, 2, 32, 32).half(),
-                       torch.tensor([0.0, 1.0] * 4), torch.tensor([0, 1, 2, 3] * 2))
+    labels = [ExamLabel(f"p{i}", f"1.2.{i}", "L", bool(i % 2), 2 + i % 4, "c", False, "train")
+              for i in range(8)]
+    data = exam_set([site_from_arrays("site", torch.rand(8, 2, 32, 32).half().numpy(), labels)])
     config = config_from_dict({"model": {"norm": "group", "dropout": 0.0}, "train": {"batch_size": 4,
                                                                                      "augment": False}})
     results = []

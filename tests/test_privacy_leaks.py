@@ -175,7 +175,7 @@ def test_a_failing_sites_error_reaches_the_center_without_patient_data(sites, co
     def broken(*args, **kwargs):
         raise ValueError(f"{dicom}: pixel data unreadable ({name}, 20200223, 'S1P0009')")
 
-    monkeypatch.setattr(client.app, "exam_tensors", broken)
+    monkeypatch.setattr(client.app, "exam_set", broken)
     RecordingGrid.received.clear()
     with pytest.raises(RuntimeError, match="no site replied"):
         run_in_process(sites, {"config": config, "num-server-rounds": 1, "local-steps": 1,

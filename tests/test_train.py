@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
-from client.data import augment, batches, epoch_order, exam_tensors, pos_weight
+from client.data import augment, chunks, epoch_order, exam_set, loader_workers, pos_weight, stream
 from client.device import resolve_runtime
 from client.evaluate import evaluate, predict
-from client.prepare import PreparedSite
-from client.train import scheduled_lr, train_epochs
+from client.prepare import PreparedSite, site_from_arrays
+from client.train import scheduled_lr, step_plan, train_epochs
 from common.config import Config
 from common.labels import ExamLabel
 from common.model import IGNORE, DualViewDenseNet, MultiTaskLoss
@@ -50,8 +52,7 @@ def make_site(
                     image += 0.5 * np.exp(-((yy - cy) ** 2 + (xx - cx * 0.5) ** 2) / 0.004)
                 exam.append(image)
             arrays.append(exam)
-    return PreparedSite(name, [label.exam_id for label in labels],
-                        np.clip(arrays, 0, 1).astype(np.float16), labels, [])
+    return site_from_arrays(name, np.clip(arrays, 0, 1).astype(np.float16), labels)
 
 
 def tiny_config(**train: object) -> Config:
@@ -64,25 +65,26 @@ def tiny_config(**train: object) -> Config:
     return config
 
 
-def test_exam_tensors_pool_sites_and_splits() -> None:
+def test_exam_set_pool_sites_and_splits() -> None:
     a = make_site("a", {"train": (3, 1), "test": (1, 1)}, seed=1)
     b = make_site("b", {"train": (2, 2), "val": (1, 1)}, seed=2)
-    train = exam_tensors([a, b], "train")
+    train = exam_set([a, b], "train")
     assert len(train) == 8
     assert train.exam_ids[:4] == a.split("train").exam_ids
-    assert train.views.shape == (8, 2, SIZE, SIZE) and train.views.dtype == torch.float16
+    assert len(train.views) == 8 and train.shape == (2, SIZE, SIZE)
+    assert train.__getitems__([0, 1]).views.dtype == torch.float16
     assert train.malignant.tolist() == [0, 0, 0, 1, 0, 0, 1, 1]
     assert train.birads_class.tolist() == [0, 1, 2, 3, 0, 1, 3, 3]  # BI-RADS 2, 3, 4, 5
-    assert len(exam_tensors([a, b], "all")) == 12
-    assert len(exam_tensors([a, b], "val")) == 2
+    assert len(exam_set([a, b], "all")) == 12
+    assert len(exam_set([a, b], "val")) == 2
     with pytest.raises(ValueError, match="unknown split"):
-        exam_tensors([a], "holdout")
+        exam_set([a], "holdout")
     with pytest.raises(ValueError, match="different view shapes"):
-        exam_tensors([a, make_site("c", size=32)], "train")
+        exam_set([a, make_site("c", size=32)], "train")
 
 
 def test_class_balance() -> None:
-    data = exam_tensors([make_site(splits={"train": (12, 3)})], "train")
+    data = exam_set([make_site(splits={"train": (12, 3)})], "train")
     assert pos_weight(data, "pos_weight") == 4.0
     assert pos_weight(data, "sampler") is None and pos_weight(data, "none") is None
     generator = torch.Generator().manual_seed(0)
@@ -105,7 +107,7 @@ def _without_targets(site: PreparedSite, pathology: slice, birads: slice) -> Pre
 
 def test_each_target_counts_only_where_the_exam_has_it() -> None:
     site = _without_targets(make_site(splits={"train": (8, 4)}), pathology=slice(0, 4), birads=slice(4, 8))
-    data = exam_tensors([site], "train")
+    data = exam_set([site], "train")
     assert torch.isnan(data.malignant[:4]).all() and data.has_pathology.sum() == 8
     assert (data.birads_class[4:8] == IGNORE).all() and (data.birads_class[8:] >= 0).all()
     assert pos_weight(data, "pos_weight") == 1.0  # 4 benign with a pathology, 4 malignant
@@ -152,19 +154,20 @@ def test_augment_without_jitter_is_the_identity() -> None:
 
 
 def test_batches_cover_the_order_on_the_device() -> None:
-    data = exam_tensors([make_site()], "train")
+    data = exam_set([make_site()], "train")
     order = torch.tensor([7, 0, 3, 5, 1])
-    got = list(batches(data, order, 2, torch.device("cpu")))
+    got = list(stream(data, chunks(order, 2), torch.device("cpu")))
     assert [len(b.views) for b in got] == [2, 2, 1]
     assert got[0].views.dtype == torch.float32
-    torch.testing.assert_close(got[0].views[0], data.views[7].float())
+    expected = np.stack([np.load(file) for file in data.views[7]])
+    torch.testing.assert_close(got[0].views[0], torch.from_numpy(expected).float())
     assert torch.equal(torch.cat([b.malignant for b in got]), data.malignant[order])
 
 
 def test_train_epochs_learns_a_tiny_problem() -> None:
     """Group norm and no dropout, so the eval-mode loss before and after is the trained objective."""
     config = tiny_config(augment=False)
-    data = exam_tensors([make_site()], "train")
+    data = exam_set([make_site()], "train")
     seed_everything(0)
     model = DualViewDenseNet(norm="group", dropout=0.0)
     before, _ = evaluate(model, data, config)
@@ -180,7 +183,7 @@ def test_train_epochs_learns_a_tiny_problem() -> None:
 def test_train_epochs_steps_seed_and_fedprox() -> None:
     config = tiny_config(lr=1e-3, batch_size=4)
     config.data.image_size = (32, 32)  # the smallest the trunk takes: this test trains four times
-    data = exam_tensors([make_site(size=32)], "train")
+    data = exam_set([make_site(size=32)], "train")
 
     def trained(mu: float = 0.0, seed: int = 0) -> dict[str, torch.Tensor]:
         torch.manual_seed(123)
@@ -205,7 +208,7 @@ def test_train_epochs_steps_seed_and_fedprox() -> None:
 def test_cosine_schedule_sets_each_epochs_rate_from_its_place_in_the_whole_run() -> None:
     config = tiny_config(lr=1e-3, lr_schedule="cosine", batch_size=8)
     config.data.image_size = (32, 32)
-    data = exam_tensors([make_site(size=32)], "train")  # 8 exams: one batch an epoch
+    data = exam_set([make_site(size=32)], "train")  # 8 exams: one batch an epoch
     model = DualViewDenseNet(norm="group")
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     rates: list[float] = []
@@ -220,7 +223,7 @@ def test_cosine_schedule_sets_each_epochs_rate_from_its_place_in_the_whole_run()
 
 def test_predict_in_eval_mode_keeps_training_mode_and_order() -> None:
     config = tiny_config()
-    data = exam_tensors([make_site(views=4)], "test")
+    data = exam_set([make_site(views=4)], "test")
     model = DualViewDenseNet(bilateral=True)
     predictions = predict(model, data, config, resolve_runtime(config.train))
     assert model.training
@@ -247,3 +250,108 @@ def test_runtime_never_channels_last_under_dp() -> None:
     config = tiny_config()
     config.train.device = "cuda" if torch.cuda.is_available() else "cpu"
     assert not resolve_runtime(config.train, private=True).channels_last
+
+
+def test_chunked_batches_accumulate_to_the_whole_batchs_step() -> None:
+    """`physical_batch_size` cuts each batch into chunks whose gradients add up to the whole batch's (group
+    norm: an exam's output does not depend on its batch), for a batch that does not divide evenly too."""
+    config = tiny_config(lr=1e-3, batch_size=5, augment=False)
+    config.data.image_size = (32, 32)
+    config.model.dropout = 0.0
+    data = exam_set([make_site(size=32)], "train")  # 8 exams: batches of 5 and 3
+    trained = []
+    for chunk in (0, 2):
+        config.train.physical_batch_size = chunk
+        torch.manual_seed(7)
+        model = DualViewDenseNet(norm="group", dropout=0.0)
+        start = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)  # Adam would magnify rounding in tiny gradients
+        stats = train_epochs(model, data, config, epochs=1, optimizer=sgd,
+                             generator=torch.Generator().manual_seed(3), progress=False)
+        assert stats.steps == 2 and stats.exams == 8
+        trained.append((stats.loss, torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - start))
+    (loss, whole), (chunked_loss, chunked) = trained
+    assert chunked_loss == pytest.approx(loss, rel=1e-5)
+    assert float((chunked - whole).norm()) < 0.01 * float(whole.norm())  # float32 rounding (weights - start)
+
+
+def test_step_plan_shares_every_batch_among_processes() -> None:
+    order = torch.arange(11)
+    plans = [step_plan(order, 5, 2, rank, 2) for rank in (0, 1)]
+    # batches [0..4], [5..9] shared 3 + 2, cut into as many chunks per process; [10] < 2 processes: left out
+    assert [[p.index for p in plan] for plan in plans] == [[[0, 1], [2], [5, 6], [7]], [[3], [4], [8], [9]]]
+    assert [len(p) for p in plans] == [4, 4] and all(p.scale == 2 / 5 for plan in plans for p in plan)
+    assert [(p.first, p.last) for p in plans[0]] == [(True, False), (False, True)] * 2
+    assert [p.index for p in step_plan(order, 4, 0)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+
+
+def test_stream_reads_in_order_with_workers_and_holds_a_few_batches() -> None:
+    """Loader workers give the batches of the in-process read, in the plan's order; the memory the read
+    holds is a few batches, whatever the number of exams."""
+    small = exam_set([make_site(splits={"train": (4, 4)})], "train")
+    large = exam_set([make_site(splits={"train": (40, 24)})], "train")
+    plan = chunks(torch.randperm(len(large), generator=torch.Generator().manual_seed(0)), 4)
+    here = list(stream(large, plan, torch.device("cpu")))
+    there = list(stream(large, plan, torch.device("cpu"), workers=2))
+    assert all(torch.equal(a.views, b.views) and torch.equal(a.malignant, b.malignant)
+               for a, b in zip(here, there, strict=True))
+    del here, there
+
+    def peak(data: object) -> int:
+        tracemalloc.start()
+        for _ in stream(data, chunks(torch.arange(len(data)), 4), torch.device("cpu")):
+            pass
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    one_exam = 2 * SIZE * SIZE * 4  # float32 on the device
+    assert peak(large) < peak(small) + 4 * one_exam  # 64 exams cost what 8 cost
+    assert peak(large) < 16 * one_exam
+
+
+def test_device_choices_on_a_cuda_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `resolve_runtime` and `loader_workers` choose on a (pretended) machine: 4 GPUs, 32 cores."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(32)))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    config = tiny_config()
+    runtime = resolve_runtime(config.train)
+    assert (runtime.device.type, runtime.amp_dtype, runtime.channels_last, runtime.processes) == \
+        ("cuda", torch.bfloat16, True, 4)
+    assert torch.backends.cudnn.benchmark  # the views' size is fixed: autotune the convolutions
+    assert loader_workers(config.data, runtime.device) == 7  # 32 cores / 4 GPUs, one left for training
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_runtime(config.train).amp_dtype == torch.float16  # with a loss scaler
+    assert resolve_runtime(config.train).scaler().is_enabled()
+    private = resolve_runtime(config.train, private=True)  # Opacus: one process, no channels_last, eager
+    assert (private.processes, private.channels_last, private.compile) == (1, False, False)
+    config.train.device = "cuda:2"
+    assert resolve_runtime(config.train).processes == 1
+    config.train.processes = 2
+    with pytest.raises(ValueError, match="needs as many GPUs"):
+        resolve_runtime(config.train)
+    config.train.device, config.train.processes = "auto", 8
+    with pytest.raises(ValueError, match="this machine shows 4"):
+        resolve_runtime(config.train)
+    config.train.processes = 2
+    with pytest.raises(ValueError, match="DP-SGD runs in one process"):
+        resolve_runtime(config.train, private=True)
+
+
+def test_device_choices_on_the_cpu() -> None:
+    config = tiny_config()
+    config.train.device = "cpu"
+    runtime = resolve_runtime(config.train)
+    assert runtime.processes == 1 and not runtime.compile
+    assert loader_workers(config.data, runtime.device) == 0  # the model's compute takes the cores
+    config.data.loader_workers = 3
+    assert loader_workers(config.data, runtime.device) == 3
+    config.train.processes, config.train.compile = 2, True
+    runtime = resolve_runtime(config.train)
+    assert runtime.processes == 2 and runtime.compile
+    model = DualViewDenseNet()
+    assert runtime.compiled(model) is not model
+    assert resolve_runtime(tiny_config().train).compiled(model) is model
