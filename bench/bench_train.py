@@ -1,7 +1,8 @@
 """Benchmark (a): training exams/s of the project's loop against a plain PyTorch loop, same model and size.
 
 The project's loop is `client.train.train_epochs` with everything it does: shuffled order, class weighting,
-float16 views gathered and converted per batch, batched augmentation (affine, intensity, noise), the
+float16 views streamed from the view cache (one `.npy` per view, `client.data.stream`) and converted per
+batch, batched augmentation (affine, intensity, noise), the
 multi-task loss, progress accounting. The plain loop is the floor: the same model, optimizer and loss over
 pre-loaded float32 batches, no augmentation and no shuffling. Both run in the same process, alternating
 in rounds after a warm-up, so machine load hits both alike; the table gives the median of the per-round

@@ -82,7 +82,8 @@ def _error(tmp_path: Path, toml: str) -> tuple[Path, str]:
         ("privacy", "delta = 1", "delta = 1: must be > 0 and < 1"),
         ("privacy", "max_grad_norm = 0", "max_grad_norm = 0: must be > 0"),
         ("privacy", "target_epsilon = -1", "target_epsilon = -1: must be >= 0"),
-        ("privacy", "physical_batch_size = -1", "physical_batch_size = -1: must be >= 0"),
+        ("train", "physical_batch_size = -1", "physical_batch_size = -1: must be >= 0"),
+        ("data", "loader_workers = -2", "loader_workers = -2: must be >= -1"),
         # a list's elements
         ("synth", 'train = [60, "60", 60]', "train = [60, '60', 60]: expected a list of integers"),
         ("synth", "val = [4, 4.5, 4]", "val = [4, 4.5, 4]: expected a list of integers"),
