@@ -228,3 +228,32 @@ def test_unusable_folder_raises_value_error(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_bytes(b"\xff\xfe\x00 not text")
     with pytest.raises(ValueError, match=r"labels\.csv: cannot read"):
         prepare_site(tmp_path, _config(), progress=False)
+
+
+def test_a_cache_of_another_version_or_a_damaged_view_is_decoded_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries written by another cache layout or preprocessing version are never read; a truncated view
+    file is decoded again, not misread. A prepared site lists view files, never holds pixels."""
+    root, cache = tmp_path / "site", tmp_path / "cache"
+    write_site(root, 2)
+    monkeypatch.setattr(prepare, "_KEY_VERSION", "1.2")  # an older layout and preprocessing
+    old = prepare_site(root, _config(), cache_dir=cache, progress=False)
+    monkeypatch.undo()
+    decoded: list[Path] = []
+    real = prepare.decode_files
+
+    def spy(paths: list[Path], *args: object, **kwargs: object) -> dict:
+        decoded.extend(paths)
+        return real(paths, *args, **kwargs)
+
+    monkeypatch.setattr(prepare, "decode_files", spy)
+    new = prepare_site(root, _config(), cache_dir=cache, progress=False)
+    assert len(decoded) == 4 and not set(new.views) & set(old.views)
+    assert all(isinstance(file, Path) and file.suffix == ".npy" for exam in new.views for file in exam)
+
+    damaged = new.views[1][0]
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    decoded.clear()
+    again = prepare_site(root, _config(), cache_dir=cache, progress=False)
+    assert len(decoded) == 1  # that view only
+    np.testing.assert_array_equal(views_array(again), views_array(new))
