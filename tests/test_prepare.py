@@ -39,6 +39,19 @@ def _file(root: Path, patient: str, laterality: str, view: str) -> Path:
     return path
 
 
+def _spy_on_decoding(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files `prepare.decode_files` is asked to decode from now on (it still decodes them)."""
+    decoded: list[Path] = []
+    real = prepare.decode_files
+
+    def spy(paths: list[Path], *args: object, **kwargs: object) -> dict:
+        decoded.extend(paths)
+        return real(paths, *args, **kwargs)
+
+    monkeypatch.setattr(prepare, "decode_files", spy)
+    return decoded
+
+
 def _view_files(cache: Path) -> list[Path]:
     """The per-file cache entries (one `.npy` per view)."""
     return list(cache.glob("*.npy"))
@@ -100,14 +113,7 @@ def test_cache_skips_decoding_and_follows_changed_files(tmp_path: Path,
     first = prepare_site(root, _config(), cache_dir=cache, progress=False)
     assert len(_view_files(cache)) == 6 and not list(cache.glob(".*"))  # no temp files left
 
-    decoded: list[Path] = []
-    real = prepare.decode_files
-
-    def spy(paths: list[Path], *args: object, **kwargs: object) -> dict:
-        decoded.extend(paths)
-        return real(paths, *args, **kwargs)
-
-    monkeypatch.setattr(prepare, "decode_files", spy)
+    decoded = _spy_on_decoding(monkeypatch)
     second = prepare_site(root, _config(), cache_dir=cache, progress=False)
     assert decoded == []
     np.testing.assert_array_equal(views_array(second), views_array(first))
@@ -239,14 +245,7 @@ def test_a_cache_of_another_version_or_a_damaged_view_is_decoded_again(
     monkeypatch.setattr(prepare, "_KEY_VERSION", "1.2")  # an older layout and preprocessing
     old = prepare_site(root, _config(), cache_dir=cache, progress=False)
     monkeypatch.undo()
-    decoded: list[Path] = []
-    real = prepare.decode_files
-
-    def spy(paths: list[Path], *args: object, **kwargs: object) -> dict:
-        decoded.extend(paths)
-        return real(paths, *args, **kwargs)
-
-    monkeypatch.setattr(prepare, "decode_files", spy)
+    decoded = _spy_on_decoding(monkeypatch)
     new = prepare_site(root, _config(), cache_dir=cache, progress=False)
     assert len(decoded) == 4 and not set(new.views) & set(old.views)
     assert all(isinstance(file, Path) and file.suffix == ".npy" for exam in new.views for file in exam)
