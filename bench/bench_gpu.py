@@ -8,10 +8,12 @@ Prints, for 1024×832 views in bf16 (or the sizes and precisions given):
 - inference exams/s (`client.evaluate.predict`, inference_mode);
 - the view cache's loader: exams/s with 1 worker and with `--workers` workers, against the consumption of
   this GPU (the training rate above) and of an H200 at 40% of its bf16 peak (989 TFLOP/s dense) computed
-  from the FLOPs.
+  from the FLOPs;
+- with `--federation N`: N synthetic sites trained at once in simulation, sharing this GPU (Ray is told
+  each takes 1/N of it): per round, the wall time and the exams/s of all sites together.
 
     python bench/bench_gpu.py [--sizes 1024x832] [--precisions bf16] [--batch 16] [--steps 20]
-                              [--workers 16] [--physical 0] [--memory-efficient]
+                              [--workers 16] [--federation 3] [--rounds 3]
 
 Runs on the CPU too (slowly; use a small `--sizes`), which is how it is checked when no GPU is lent.
 """
@@ -19,8 +21,10 @@ Runs on the CPU too (slowly; use a small `--sizes`), which is how it is checked 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,8 +38,12 @@ from bench_train import bench, synthetic_exams  # noqa: E402
 from client.data import chunks, stream  # noqa: E402
 from client.device import resolve_runtime  # noqa: E402
 from client.evaluate import predict  # noqa: E402
+from common.cli import main as cli  # noqa: E402
 from common.config import Config  # noqa: E402
 from common.model import MultiTaskLoss, build_model  # noqa: E402
+from server.launch import simulate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 H200_BF16_FLOPS = 989e12
 """NVIDIA's dense bf16 peak of an H200 (SXM)."""
@@ -79,10 +87,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--loader-only", action="store_true",
                         help="FLOPs and the loader vs an H200 only (benchmark (b), any machine)")
+    parser.add_argument("--federation", type=int, default=0,
+                        help="also simulate this many sites sharing the GPU (0 = not)")
+    parser.add_argument("--exams", type=int, default=96, help="training exams per simulated site")
     args = parser.parse_args()
     if args.loader_only:
         loader_table(args)
         return
+    if args.federation:
+        federation_table(args)
     runtime = resolve_runtime(Config().train)
     name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "CPU"
     print(f"{name}; torch {torch.__version__}; batch {args.batch}\n")
@@ -116,6 +129,42 @@ def main() -> None:
                   f"| {rates['wall']['plain']:.1f} | {rates['wall']['project']:.1f} "
                   f"| {ratios[len(ratios) // 2]:.3f} ({ratios[0]:.3f}–{ratios[-1]:.3f}) | {peak:.1f} "
                   f"| {inference:.1f} | {one:.0f} / {every:.0f} | {h200:.0f} |", flush=True)
+
+
+def federation_table(args: argparse.Namespace) -> None:
+    """`--federation N`: N sites of `--exams` synthetic exams at the first size and precision, trained at
+    once in simulation on this machine's GPU (1/N each), `--rounds` rounds of one local epoch."""
+    size = tuple(int(v) for v in args.sizes.split(",")[0].split("x"))
+    precision = args.precisions.split(",")[0]
+    gpus = torch.cuda.device_count()
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_federation_") as tmp:
+        config = Path(tmp) / "config.toml"
+        text = (ROOT / "configs" / "gpu.toml").read_text()
+        config.write_text(text.replace("image_size = [1024, 832]", f"image_size = [{size[0]}, {size[1]}]")
+                          .replace('precision = "auto"', f'precision = "{precision}"'))
+        data = Path(tmp) / "data"
+        # Matrices near the detector's (scale 0.5: ~1700×1300), so decoding and resizing are realistic.
+        if cli(["synth", str(data), "--sites", str(args.federation), "--train", str(args.exams),
+                "--test", "16", "--scale", "0.5"]):
+            raise SystemExit("fedmammo synth failed")
+        started = time.perf_counter()
+        outcome = simulate(data, {"config": str(config), "num-server-rounds": args.rounds, "local-epochs": 1,
+                                  "out-dir": str(Path(tmp) / "run")},
+                           federation_config={"init-args-num-cpus": len(os.sched_getaffinity(0)),
+                                              "init-args-num-gpus": gpus,
+                                              "client-resources-num-cpus": 1,
+                                              "client-resources-num-gpus": gpus / args.federation})
+        wall = time.perf_counter() - started
+        report = json.loads(next((Path(tmp) / "run").rglob("report.json")).read_text())
+    print(f"\n{args.federation} sites sharing {gpus} GPU(s), {args.exams} training exams each, "
+          f"{size[0]}×{size[1]} {precision}; the run took {wall:.0f} s (synthesis excluded), "
+          f"status {outcome.status}\n")
+    print("| round | slowest site's training (s) | exams/s, all sites together |")
+    print("|---|---|---|")
+    for number in sorted({r["round"] for r in report["rounds"] if r.get("phase") == "train"}):
+        entries = [r for r in report["rounds"] if r["round"] == number and r.get("phase") == "train"]
+        slowest = max(r["seconds"] for r in entries)
+        print(f"| {number} | {slowest:.1f} | {sum(r['n'] for r in entries) / slowest:.1f} |", flush=True)
 
 
 def loader_table(args: argparse.Namespace) -> None:

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common import gpu_decoding
 from common.atomic import write_atomic
 from common.config import Config
 from common.exams import LABELS_FILE, Exam, pair_exams, scan_files, site_files, with_listed
@@ -156,11 +157,14 @@ def limit_memory(extra: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
 
 
-def _worker(conn: Connection, size: tuple[int, int], memory: int) -> None:
+def _worker(conn: Connection, size: tuple[int, int], memory: int, gpu: bool) -> None:
     import torch
 
     torch.set_num_threads(1)  # the parallelism is the processes
-    limit_memory(memory)
+    if gpu:  # CUDA reserves far more address space than any cap on it allows: the header checks guard
+        gpu_decoding.register()
+    else:
+        limit_memory(memory)
     conn.send("ready")
     try:
         while (job := conn.recv()) is not None:
@@ -177,11 +181,11 @@ def _worker(conn: Connection, size: tuple[int, int], memory: int) -> None:
 class _Worker:
     """One decoding process and the file it is working on."""
 
-    def __init__(self, size: tuple[int, int], memory: int) -> None:
+    def __init__(self, size: tuple[int, int], memory: int, gpu: bool) -> None:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["torch", "common.dicom", "common.preprocess", __name__])
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_worker, args=(child, size, memory), daemon=True)
+        self.process = context.Process(target=_worker, args=(child, size, memory, gpu), daemon=True)
         self.process.start()
         child.close()
         self.path: Path | None = None
@@ -221,9 +225,10 @@ class _Worker:
 def decode_files(paths: Sequence[Path], size: tuple[int, int], workers: int, timeout: float,
                  progress: bool = False, desc: str = "decoding", memory: int = DECODE_MEMORY_BYTES,
                  listed: Mapping[Path, Listed] | None = None,
-                 targets: Mapping[Path, Path] | None = None) -> dict[Path, Decoded]:
+                 targets: Mapping[Path, Path] | None = None, gpu: bool = False) -> dict[Path, Decoded]:
     """Decode `paths` in `workers` processes (0 = one per CPU core this process may use), each allowed
-    `memory` more bytes of address space; a file still decoding after `timeout` seconds, or whose worker
+    `memory` more bytes of address space (without limit when `gpu`: JPEG 2000 and JPEG decoded by
+    nvImageCodec, `common.gpu_decoding`); a file still decoding after `timeout` seconds, or whose worker
     dies, is rejected and its worker replaced. `listed`: the manifest's entries, by resolved path.
     `targets`: where each file's view is to be written (`write_view`, by the worker: only the file's name
     crosses back); without one the pixels come back."""
@@ -235,7 +240,7 @@ def decode_files(paths: Sequence[Path], size: tuple[int, int], workers: int, tim
     bar = tqdm(total=len(todo), desc=desc, unit="file", disable=not progress)
     try:
         count = min(workers or len(os.sched_getaffinity(0)), len(todo))
-        idle += [_Worker(size, memory) for _ in range(count)]
+        idle += [_Worker(size, memory, gpu) for _ in range(count)]
         while todo or busy:
             while idle and todo:
                 worker = idle.pop()
@@ -243,7 +248,7 @@ def decode_files(paths: Sequence[Path], size: tuple[int, int], workers: int, tim
                     worker.send(todo[0], entry(listed, todo[0]), targets.get(todo[0]), timeout)
                 except OSError:  # it died while idle (e.g. killed for memory): replace it
                     worker.kill()
-                    idle.append(_Worker(size, memory))
+                    idle.append(_Worker(size, memory, gpu))
                     continue
                 todo.popleft()
                 busy.append(worker)
@@ -262,7 +267,7 @@ def decode_files(paths: Sequence[Path], size: tuple[int, int], workers: int, tim
                 else:
                     worker.kill()
                     if todo:
-                        idle.append(_Worker(size, memory))
+                        idle.append(_Worker(size, memory, gpu))
     finally:
         bar.close()
         for worker in idle + busy:
@@ -376,7 +381,8 @@ def _decode(paths: Sequence[Path], listed: Mapping[Path, Listed], config: Config
     todo = [p for p in paths if p not in results]
     targets = {p: t for p in todo if (t := cache.target(p, listing[p])) is not None}
     decoded = decode_files(todo, config.data.image_size, config.data.workers, config.data.decode_timeout_s,
-                           progress, desc, listed=listed, targets=targets)
+                           progress, desc, listed=listed, targets=targets,
+                           gpu=gpu_decoding.use_gpu(config.data.gpu_decode))
     for path, result in decoded.items():
         if not isinstance(result, str) and path not in targets:  # vanished since: not cached, not usable
             result = decoded[path] = "file vanished while being read"

@@ -35,6 +35,8 @@ BALANCES = ("pos_weight", "sampler", "none")
 GENERATED_2D = ("avoid", "prefer", "only")
 """`data.generated_2d`: which image fills a view when a study holds an acquired and a generated 2D image
 (synthesized from tomosynthesis) of the same breast and projection (`common.exams.pair_exams`)."""
+GPU_DECODE = ("auto", "on", "off")
+"""`data.gpu_decode`: where compressed pixel data is decoded (`common.gpu_decoding.use_gpu`)."""
 
 
 def _rule(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
@@ -61,6 +63,10 @@ class DataConfig:
     """Seconds one file's decoding may take; a slower file is rejected, so a run never hangs on one file."""
     workers: int = _rule(0, low=0)
     """Processes decoding DICOM in parallel (a count); 0 = one per CPU core."""
+    gpu_decode: str = _rule("auto", choices=GPU_DECODE)
+    """JPEG 2000 / HTJ2K / JPEG pixel data decoded on the GPU by nvImageCodec (`common.gpu_decoding`):
+    `auto` when it is installed (extra `gpu-decode`) and a CUDA device is visible, `on` (an error
+    otherwise), `off`."""
     loader_workers: int = _rule(-1, low=-1)
     """Processes reading cached views for the model (a count; `client.data.loader_workers`): 0 = in the
     training process; -1 = none on the CPU, up to 8 per GPU on CUDA."""
@@ -271,12 +277,18 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    """One section from its TOML table, every key typed and checked; `where` is "<file> [<section>]"."""
+MOVED = {("privacy", "physical_batch_size"): "train"}
+"""Keys that moved to another section, (old section, key) -> new section: named in the error."""
+
+
+def _build(cls: type, values: dict[str, Any], where: str, title: str) -> Any:
+    """One section from its TOML table, every key typed and checked; `where` is "<file> [<title>]"."""
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        moved = "".join(f"; {key} is now in [{MOVED[title, key]}]"
+                        for key in unknown if (title, key) in MOVED)
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}{moved}; known: {', '.join(known)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
@@ -306,7 +318,7 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Config:
         if not isinstance(table, dict):
             raise ValueError(f"{source}: {name} = {_show(table)}: expected a [{name}] section (a TOML table)")
     hints = typing.get_type_hints(Config)
-    config = Config(**{name: _build(hints[name], values.get(name, {}), f"{source} [{name}]")
+    config = Config(**{name: _build(hints[name], values.get(name, {}), f"{source} [{name}]", name)
                        for name in sections})
     _check_privacy(config, source)
     return config

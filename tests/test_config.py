@@ -198,6 +198,9 @@ def test_unknown_sections_and_keys_and_unreadable_text(tmp_path: Path) -> None:
     assert message == f"{path}: unknown section(s) trian; known: data, model, train, synth, privacy"
     path, message = _error(tmp_path, "[train]\nepoch = 2\n")
     assert message.startswith(f"{path} [train]: unknown key(s) epoch; known: epochs, batch_size")
+    path, message = _error(tmp_path, "[privacy]\nphysical_batch_size = 8\n")
+    assert message.startswith(f"{path} [privacy]: unknown key(s) physical_batch_size; physical_batch_size is "
+                              "now in [train]; known: ")
     path, message = _error(tmp_path, "train = 3\n")
     assert message == f"{path}: train = 3: expected a [train] section (a TOML table)"
     path, message = _error(tmp_path, "[train\n")
