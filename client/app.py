@@ -40,6 +40,7 @@ from client.redact import redact
 from client.secagg import secagg_mod
 from client.site_stats import cases_csv, histograms, placement_sums, read_cases, site_counts
 from client.train import planned_steps, train_epochs
+from client.transfer import transfer_mod
 from common.atomic import write_atomic
 from common.checkpoint import load_checkpoint, model_metadata, save_checkpoint
 from common.config import Config, parse_config
@@ -165,7 +166,7 @@ def _global_model(msg: Message, job: _Job, last_round: int) -> nn.Module:
     return model
 
 
-@app.train(mods=[secagg_mod(WEIGHTS), clipping_mod])
+@app.train(mods=[secagg_mod(WEIGHTS), transfer_mod, clipping_mod])
 @_named
 def train(msg: Message, context: Context) -> Message:
     job = _Job.of(msg, context, TrainInstruction)
