@@ -167,7 +167,8 @@ def _train_round(grid: Grid, context: Context, settings: Settings, config_text: 
         raise RoundError(f"round {server_round}: the strategy could not aggregate the sites' weights")
     # FedAdam's step comes out in float64; the model and its checkpoint are float32, and a resumed run
     # must continue from exactly what an uninterrupted one holds.
-    arrays = ArrayRecord({k: Array(a.numpy().astype(np.float32, copy=False)) for k, a in arrays.items()})
+    if any(a.dtype != "float32" for a in arrays.values()):
+        arrays = ArrayRecord({k: Array(a.numpy().astype(np.float32)) for k, a in arrays.items()})
     released = ledger.release(server_round, len(replies), strategy)
     reports = [(site_name(r), train_report(r)) for r in replies]
     rows = [{"round": server_round, "phase": "train", "site": site, "n": report.num_examples,
