@@ -10,8 +10,8 @@ Every 0.25 s the process tree under this bench is read from /proc: RSS (resident
 included) and PSS (shared pages divided among the processes that map them, so that sums are honest):
 - center: the `flwr-simulation` process, which runs the ServerApp and drives the simulation (Flower's
   in-memory link state, where messages wait, lives there too);
-- workers: the Ray worker processes running ClientApps;
-- the rest: SuperLink, SuperExec, Ray's raylet, GCS and helpers.
+- workers: the Ray worker processes running ClientApps (`ray::ClientAppActor`);
+- the rest: SuperLink, SuperExec, Ray's raylet, GCS, idle workers and helpers.
 The center's peak against the number of sites tells whether it holds per-site copies of the model: the
 replies of one round (one update per site, 27 MB in float32) are all it should hold, and only until they
 are aggregated.
@@ -59,7 +59,7 @@ def _role(pid: int) -> str | None:
         return None
     if "flwr-simulation" in command:
         return "center"
-    if command.startswith("ray::") and "raylet" not in command:
+    if command.startswith("ray::ClientAppActor"):
         return "worker"
     return "other"
 
