@@ -161,9 +161,9 @@ class Settings:
                  f"secagg combines only with central-dp = {SECAGG_CENTRAL_DP!r}: the center cannot clip "
                  "updates it never sees"),
                 (s.transfer_dtype != "float32",
-                 f"secagg with transfer-dtype = {s.transfer_dtype!r}: SecAgg+ sends each update quantized to "
-                 "2^24 levels and masked as 32-bit integers, its own encoding; use transfer-dtype = "
-                 "\"float32\""),
+                 f"secagg with transfer-dtype = {s.transfer_dtype!r}: SecAgg+ sends each update in its own "
+                 "encoding (quantized to 2^24 levels, masked integers of 8 bytes a weight); use "
+                 "transfer-dtype = \"float32\""),
             ) if failed]
         return problems
 
