@@ -116,14 +116,16 @@ class RecordingGrid(InProcessGrid):
 
 def test_a_federation_with_bfloat16_transfer_runs_to_its_report_and_keeps_float32_weights(sites, config,
                                                                                           tmp_path):
-    grid = run_in_process(sites, {"config": config, "num-server-rounds": 2, "local-steps": 1, "eval-every": 0,
+    grid = run_in_process(sites, {"config": config, "num-server-rounds": 2, "local-steps": 1, "eval-every": 1,
                                   "transfer-dtype": "bfloat16", "out-dir": str(tmp_path)},
                           grid_class=RecordingGrid)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["run"]["run-config"]["transfer-dtype"] == "bfloat16" and len(report["sites"]) == 3
-    # 2 rounds × 3 sites: global weights out, updates back in bfloat16; the final model scored exactly
+    # 2 rounds × 3 sites: global weights out, updates back in bfloat16, round 1's evaluation too; the final
+    # evaluation scores exactly the float32 model the center keeps
     expected = [("train", WEIGHTS, "bfloat16")] * 6 + [("reply", UPDATE, "bfloat16")] * 6
-    assert sorted(grid.wire) == sorted([*expected, *[("evaluate", WEIGHTS, "float32")] * 3])
+    evaluations = [("evaluate", WEIGHTS, "bfloat16")] * 3 + [("evaluate", WEIGHTS, "float32")] * 3
+    assert sorted(grid.wire) == sorted(expected + evaluations)
     # the master copy accumulates the decoded updates in float32: it is not on bfloat16's grid
     master = load_checkpoint(tmp_path / "checkpoints" / "round-0002.safetensors").tensors
     weights = master["malignancy.weight"]
