@@ -123,7 +123,7 @@ PHASES = {
     "center: FedAvg aggregation": ("flwr.serverapp.strategy.fedavg", "FedAvg.aggregate_train"),
     "center: checkpoint + metrics.csv (the copy; the write runs beside the next round)":
         ("server.app", "checkpoint_writer"),
-    "site: model with the global weights (copy + load)": ("client.app", "_global_model"),
+    "site: a fresh model holding the global weights": ("client.app", "_global_model"),
     "site: prepared site (cached in the process)": ("client.app", "_prepared"),
     "site: reply weights packed into one array": ("client.app", "pack_weights"),
     "site: local state saved (BatchNorm counters)": ("client.app", "save_checkpoint"),
@@ -161,6 +161,13 @@ def _summary(values: list[float]) -> str:
     return f"{statistics.median(values):.2f}{spread}"
 
 
+def _print_breakdown(data: Path, run: dict, runs: Path, rounds: int) -> None:
+    print(f"\n### Where fedmammo's own time goes (the same run in one process, {rounds} rounds)\n")
+    print("| phase | seconds per round (all sites) |\n|---|---|")
+    for phase, seconds in _breakdown(data, run, runs / "breakdown", rounds).items():
+        print(f"| {phase} | {seconds:.3f} |")
+
+
 def _print_overhead(rounds: int, values: int, results: dict) -> None:
     """The per-round table; `results`: mode → (fedmammo's rounds, the bare app's rounds, an outcome), each
     without round 1 (which also starts the processes)."""
@@ -188,7 +195,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="simulation: runs of the bare app and of fedmammo, alternated")
     parser.add_argument("--simulation-only", action="store_true",
-                        help="only the simulation's table (no deployment, no breakdown, no whole run)")
+                        help="only the simulation's table and the breakdown (no deployment, no whole run)")
     args = parser.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="fedmammo-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -234,6 +241,7 @@ def main() -> None:
 
     if args.simulation_only:
         _print_overhead(args.rounds, values, results)
+        _print_breakdown(data, run, runs, args.rounds)
         return
     certs = runs / "certs"
     make_certificates(certs, ["localhost", "127.0.0.1"])
@@ -262,10 +270,7 @@ def main() -> None:
     floor = _noop_rounds(torch_floor)
     print(f"\nDeployment, the bare app importing torch + torchvision in its ClientApp: round "
           f"{_summary(floor[1:] or floor)} s")
-    print(f"\n### Where fedmammo's own time goes (the same run in one process, {args.rounds} rounds)\n")
-    print("| phase | seconds per round (all sites) |\n|---|---|")
-    for phase, seconds in _breakdown(data, run, runs / "breakdown", args.rounds).items():
-        print(f"| {phase} | {seconds:.3f} |")
+    _print_breakdown(data, run, runs, args.rounds)
 
     if args.demo_rounds < 1:
         return
