@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from common.cli import main as fedmammo  # noqa: E402
+from bench_study import study_inputs  # noqa: E402
+
 from common.config import load_config  # noqa: E402
 from common.model import initial_model  # noqa: E402
 from common.protocol import MODEL, WEIGHTS, pack_weights  # noqa: E402
@@ -69,14 +70,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtypes", default=",".join(TRANSFER_DTYPES))
     args = parser.parse_args()
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    data = out / "data"
-    if not (data / "cohort.json").is_file():
-        fedmammo(["synth", str(data), "--config", args.config])
-    config_path = out / "study.toml"  # one decoded-view cache for every run
-    config_path.write_text(Path(args.config).read_text().replace(
-        "[data]\n", f'[data]\ncache_dir = "{out / "cache"}"\n'))
+    data, config_path = study_inputs(args.config, Path(args.out).resolve())
+    out = config_path.parent
     model = initial_model(load_config(config_path))
     keys = exchanged_keys(model, "local")
     rows = []
