@@ -82,7 +82,8 @@ class Sampler(threading.Thread):
         self.interval_s, self.done = interval_s, threading.Event()
         self.peak: dict[int, tuple[str, float, float]] = {}
         self.peak_sum: dict[str, float] = defaultdict(float)
-        self.last: dict[str, float] = {}
+        self.center: list[float] = []
+        """The center's RSS at each sample: whether what it holds at the peak is released afterwards."""
 
     def run(self) -> None:
         while not self.done.wait(self.interval_s):
@@ -93,13 +94,13 @@ class Sampler(threading.Thread):
                 if pid == os.getpid() or (role := _role(pid)) is None or (memory := _memory_mib(pid)) is None:
                     continue
                 rss, pss = memory
+                if role == "center":
+                    self.center.append(rss)
                 _, peak_rss, peak_pss = self.peak.get(pid, (role, 0.0, 0.0))
                 self.peak[pid] = (role, max(peak_rss, rss), max(peak_pss, pss))
                 sums[role] += pss
             for role, pss in sums.items():
                 self.peak_sum[role] = max(self.peak_sum[role], pss)
-            if sums:
-                self.last = dict(sums)
 
     def stop(self) -> None:
         self.done.set()
@@ -144,22 +145,23 @@ def main() -> None:
         roles = defaultdict(list)
         for role, rss, pss in sampler.peak.values():
             roles[role].append((rss, pss))
-        results.append((n, wall, report.is_file(), roles, dict(sampler.peak_sum)))
+        results.append((n, wall, report.is_file(), roles, dict(sampler.peak_sum), sampler.center))
         print(f"{n} sites: {outcome.status} in {wall:.0f} s, report {report}", flush=True)
 
     print(f"\n### {args.rounds} rounds, 64×48 views, 1 local step, up to {args.workers} sites at once "
           f"(model {model_mib:.1f} MiB fp32)\n")
-    print("| sites | run wall (s) | report | center peak RSS (MiB) | center peak PSS (MiB) | workers "
-          "| worker peak RSS, median (max) (MiB) | workers' peak PSS sum (MiB) | rest peak PSS sum (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for n, wall, ok, roles, sums in results:
+    print("| sites | run wall (s) | report | center peak RSS (MiB) | center peak PSS (MiB) "
+          "| center RSS at the end (MiB) | workers | worker peak RSS, median (max) (MiB) "
+          "| workers' peak PSS sum (MiB) | rest peak PSS sum (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n, wall, ok, roles, sums, series in results:
         center = max(roles["center"])
         workers = [rss for rss, _ in roles["worker"]]
         print(f"| {n} | {wall:.0f} | {'yes' if ok else 'no'} | {center[0]:.0f} | {center[1]:.0f} "
-              f"| {len(workers)} | {statistics.median(workers):.0f} ({max(workers):.0f}) "
+              f"| {series[-1]:.0f} | {len(workers)} | {statistics.median(workers):.0f} ({max(workers):.0f}) "
               f"| {sums.get('worker', 0):.0f} | {sums.get('other', 0):.0f} |")
     if len(results) > 1:
-        (n0, *_, roles0, _), (n1, *_, roles1, _) = results[0], results[-1]
+        (n0, *_, roles0, _, _), (n1, *_, roles1, _, _) = results[0], results[-1]
         slope = (max(roles1["center"])[0] - max(roles0["center"])[0]) / (n1 - n0)
         print(f"\nCenter peak RSS per added site: {slope:.1f} MiB ({slope / model_mib:.2f}× the fp32 model)")
 
