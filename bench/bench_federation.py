@@ -123,7 +123,7 @@ PHASES = {
     "center: FedAvg aggregation": ("flwr.serverapp.strategy.fedavg", "FedAvg.aggregate_train"),
     "center: checkpoint + metrics.csv (the copy; the write runs beside the next round)":
         ("server.app", "checkpoint_writer"),
-    "site: model with the global weights (copy + load)": ("client.app", "_global_model"),
+    "site: a fresh model holding the global weights": ("client.app", "_global_model"),
     "site: prepared site (cached in the process)": ("client.app", "_prepared"),
     "site: reply weights packed into one array": ("client.app", "pack_weights"),
     "site: local state saved (BatchNorm counters)": ("client.app", "save_checkpoint"),
@@ -157,8 +157,33 @@ def _breakdown(data: Path, run: dict, out: Path, rounds: int) -> dict[str, float
 
 
 def _summary(values: list[float]) -> str:
-    spread = f" ({min(values):.1f}–{max(values):.1f})" if len(values) > 1 else ""
-    return f"{statistics.median(values):.1f}{spread}"
+    spread = f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else ""
+    return f"{statistics.median(values):.2f}{spread}"
+
+
+def _print_breakdown(data: Path, run: dict, runs: Path, rounds: int) -> None:
+    print(f"\n### Where fedmammo's own time goes (the same run in one process, {rounds} rounds)\n")
+    print("| phase | seconds per round (all sites) |\n|---|---|")
+    for phase, seconds in _breakdown(data, run, runs / "breakdown", rounds).items():
+        print(f"| {phase} | {seconds:.3f} |")
+
+
+def _print_overhead(rounds: int, values: int, results: dict) -> None:
+    """The per-round table; `results`: mode → (fedmammo's rounds, the bare app's rounds, an outcome), each
+    without round 1 (which also starts the processes)."""
+    print(f"\n### Per-round overhead, {rounds} rounds, 3 sites, 64×64, 1 local step "
+          f"(model {4 * values / 2**20:.1f} MiB fp32)\n")
+    print("| mode | round wall (s) | slowest site's training (s) | fedmammo overhead (s) "
+          "| bare Flower round (s) | fedmammo / Flower | per site per round: up / down (× fp32 model) |")
+    print("|---|---|---|---|---|---|---|")
+    for mode, (measured, flower, outcome) in results.items():
+        overhead = [wall - compute for wall, compute in measured]
+        model_bytes = 4 * values  # weights go up once a round, down once a round and for the evaluation
+        up, down = outcome.bytes_in / (3 * rounds), outcome.bytes_out / (3 * (rounds + 1))
+        print(f"| {mode} | {_summary([w for w, _ in measured])} | {_summary([c for _, c in measured])} "
+              f"| {_summary(overhead)} | {_summary(flower)} "
+              f"| {statistics.median(overhead) / statistics.median(flower):.2f} "
+              f"| {f'{up / model_bytes:.2f} / {down / model_bytes:.2f}' if outcome.bytes_in else 'n/a'} |")
 
 
 def main() -> None:
@@ -167,6 +192,10 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--demo-rounds", type=int, default=2,
                         help="rounds of the demo-size whole run (0: skip it)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="simulation: runs of the bare app and of fedmammo, alternated")
+    parser.add_argument("--simulation-only", action="store_true",
+                        help="only the simulation's table and the breakdown (no deployment, no whole run)")
     args = parser.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="fedmammo-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -191,21 +220,29 @@ def main() -> None:
     # warm the decoded-view cache, so that no measured round decodes DICOM
     run_in_process(data, {**run, "num-server-rounds": 1, "out-dir": str(runs / "warm")})
 
-    lines: list[str] = []
     # Ray is told of one CPU per site, so that the three sites train at once as deployed sites do and the
     # slowest site's training is the round's critical path (with 2 CPUs, one site would wait for another)
     at_once = {"init-args-num-cpus": 3}
-    sim = simulate(data, {**run, "out-dir": str(runs / "sim")}, home=runs / "sim-flower", echo=lines.append,
-                   federation_config=at_once)
-    bare: list[str] = []
-    home = runs / "noop-sim-flower"  # the bare app in a simulation federation of the same size
-    home.mkdir(parents=True, exist_ok=True)
-    with superlink(home, simulation=True) as address:
-        write_connection(home, "sim", address)
-        flwr_run(home, "sim", noop_config, app=noop, echo=bare.append,
-                 federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1, **at_once})
-    results["simulation"] = (_rounds(runs / "sim"), _noop_rounds(bare), sim)
+    sim_rounds: list[tuple[float, float]] = []
+    bare_rounds: list[float] = []
+    for i in range(args.repeats):  # alternated, so that a change in the machine's load hits both alike
+        bare: list[str] = []
+        home = runs / f"noop-sim-flower-{i}"  # the bare app in a simulation federation of the same size
+        home.mkdir(parents=True, exist_ok=True)
+        with superlink(home, simulation=True) as address:
+            write_connection(home, "sim", address)
+            flwr_run(home, "sim", noop_config, app=noop, echo=bare.append,
+                     federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1, **at_once})
+        bare_rounds += _noop_rounds(bare)[1:]  # round 1 also starts the processes
+        sim = simulate(data, {**run, "out-dir": str(runs / f"sim-{i}")}, home=runs / f"sim-flower-{i}",
+                       federation_config=at_once)
+        sim_rounds += _rounds(runs / f"sim-{i}")[1:]
+    results["simulation"] = (sim_rounds, bare_rounds, sim)
 
+    if args.simulation_only:
+        _print_overhead(args.rounds, values, results)
+        _print_breakdown(data, run, runs, args.rounds)
+        return
     certs = runs / "certs"
     make_certificates(certs, ["localhost", "127.0.0.1"])
     torch_floor: list[str] = []
@@ -227,29 +264,13 @@ def main() -> None:
             if not warm:
                 flwr_run(home, "loopback", {**noop_config, "import-torch": True}, app=noop,
                          echo=torch_floor.append)
-        results[mode] = (_rounds(out), _noop_rounds(bare), deployed)
+        results[mode] = (_rounds(out)[1:], _noop_rounds(bare)[1:], deployed)
 
-    print(f"\n### Per-round overhead, {args.rounds} rounds, 3 sites, 64×64, 1 local step "
-          f"(model {4 * values / 2**20:.1f} MiB fp32)\n")
-    print("| mode | round wall (s) | slowest site's training (s) | fedmammo overhead (s) "
-          "| bare Flower round (s) | fedmammo / Flower | per site per round: up / down (× fp32 model) |")
-    print("|---|---|---|---|---|---|---|")
-    for mode, (rounds, flower, outcome) in results.items():
-        measured = rounds[1:] or rounds  # round 1 also starts the processes
-        overhead = [wall - compute for wall, compute in measured]
-        model_bytes = 4 * values  # weights go up once a round, down once a round and for the evaluation
-        up, down = outcome.bytes_in / (3 * args.rounds), outcome.bytes_out / (3 * (args.rounds + 1))
-        print(f"| {mode} | {_summary([w for w, _ in measured])} | {_summary([c for _, c in measured])} "
-              f"| {_summary(overhead)} | {_summary(flower[1:] or flower)} "
-              f"| {statistics.median(overhead) / statistics.median(flower[1:] or flower):.2f} "
-              f"| {f'{up / model_bytes:.2f} / {down / model_bytes:.2f}' if outcome.bytes_in else 'n/a'} |")
+    _print_overhead(args.rounds, values, results)
     floor = _noop_rounds(torch_floor)
     print(f"\nDeployment, the bare app importing torch + torchvision in its ClientApp: round "
           f"{_summary(floor[1:] or floor)} s")
-    print(f"\n### Where fedmammo's own time goes (the same run in one process, {args.rounds} rounds)\n")
-    print("| phase | seconds per round (all sites) |\n|---|---|")
-    for phase, seconds in _breakdown(data, run, runs / "breakdown", args.rounds).items():
-        print(f"| {phase} | {seconds:.3f} |")
+    _print_breakdown(data, run, runs, args.rounds)
 
     if args.demo_rounds < 1:
         return

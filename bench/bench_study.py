@@ -79,6 +79,19 @@ def _auc(truth: np.ndarray, scores: np.ndarray) -> str:
     return f"{auc:.3f} ({low:.3f}–{high:.3f})"
 
 
+def study_inputs(config: str, out: Path, train: str = "") -> tuple[Path, Path]:
+    """`out`/data, the study-like cohort of `config` (written the first time), and `out`/study.toml, `config`
+    with one decoded-view cache for every run in `out` and the lines `train` added to its [train]."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data"
+    if not (data / "cohort.json").is_file():
+        fedmammo(["synth", str(data), "--config", config])
+    config_path = out / "study.toml"
+    text = Path(config).read_text().replace("[data]\n", f'[data]\ncache_dir = "{out / "cache"}"\n')
+    config_path.write_text(text.replace("[train]\n", f"[train]\n{train}"))
+    return data, config_path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "study.toml"))
@@ -89,15 +102,8 @@ def main() -> None:
                         help="sites weighted equally (the default: run 8 in bench/RESULTS.md), or by exams")
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    data = out / "data"
-    if not (data / "cohort.json").is_file():
-        fedmammo(["synth", str(data), "--config", args.config])
-    # the same config with one decoded-view cache for both arms, and one torch thread per process: the
-    # federation's three sites and the central arm share the machine's cores
-    config_path = out / "study.toml"
-    text = Path(args.config).read_text().replace("[data]\n", f'[data]\ncache_dir = "{out / "cache"}"\n')
-    config_path.write_text(text.replace("[train]\n", "[train]\nnum_threads = 1\n"))
+    # one torch thread per process: the federation's three sites and the central arm share the machine's cores
+    data, config_path = study_inputs(args.config, out, train="num_threads = 1\n")
     config = load_config(config_path)
     sites = site_folders(data)
     prepared = [prepare_site(site, config, progress=False) for site in sites]  # decode once, for both arms

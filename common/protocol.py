@@ -16,9 +16,15 @@ Flower adds `server-round` to every instruction it configures, and FedProx `prox
 add `secagg-weight` (`SECAGG_WEIGHT`); central DP adds the mode (`CENTRAL_DP`) and, with client-side
 clipping, Flower's clipping mods read their own keys.
 
-The weights travel as one flat float32 array with the list of their names (`pack_weights`): Flower moves
-every array of a message as a separate object, and DenseNet's 700-odd tensors took 15× as long over TLS
-as one array of the same bytes (140–210 s against 10–15 s an exchange with 3 sites on loopback).
+The weights travel as one flat array with the list of their names (`pack_weights`): Flower moves every
+array of a message as a separate object, and DenseNet's 700-odd tensors took 15× as long over TLS as one
+array of the same bytes (140–210 s against 10–15 s an exchange with 3 sites on loopback).
+
+In float32 (run config `transfer-dtype`, the default) a train reply holds the site's trained weights
+(`WEIGHTS`). In half precision (`bfloat16` or `float16`, half the bytes each way) the center sends its
+float32 master copy rounded, and a site replies with its update (`UPDATE`: trained − received weights,
+small numbers that lose far less to rounding than the weights would), which the center decodes and adds
+to its master copy in float32, so that rounding never accumulates over rounds.
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ ARRAYS, CONFIG, METRICS, SITE = "arrays", "config", "metrics", "site"
 and holds what it sends."""
 WEIGHTS = "weights"
 """The one Array of a message's ArrayRecord; the instruction's `weight-keys` names its parts, in order."""
+UPDATE = "update"
+"""A half-precision train reply's one Array: trained minus received weights, in the order of `WEIGHTS`."""
+TRANSFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Run config `transfer-dtype` → the weights' type on the wire."""
+_HALF = "fedmammo.raw"
+"""The Array `stype` of half-precision values: their raw little-endian bytes (numpy has no bfloat16)."""
 NAME, SUMMARY, SUMS = "name", "summary", "sums"
 """Keys of the `site` record."""
 NUM_EXAMPLES = "num-examples"
@@ -249,10 +261,47 @@ def to_json(value: Any) -> str:
     return json.dumps(value, default=lambda o: o.tolist() if isinstance(o, np.ndarray | np.generic) else o)
 
 
-def pack_weights(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> ArrayRecord:
-    """The weights named `keys`, flattened into one float32 Array (see the module docstring for why)."""
+def encode(values: torch.Tensor, dtype: str = "float32") -> Array:
+    """A flat float32 tensor as one Array of `dtype` (a `TRANSFER_DTYPES` name), rounded to nearest."""
+    if dtype == "float32":
+        return Array(values.numpy())
+    half = values.to(TRANSFER_DTYPES[dtype]).view(torch.int16).numpy().astype("<i2", copy=False)
+    return Array(dtype=dtype, shape=(values.numel(),), stype=_HALF, data=half.tobytes())
+
+
+def decode(array: Array) -> np.ndarray:
+    """An Array written by `encode` as a flat float32 numpy array; anything else is a ProtocolError."""
+    if array.stype != _HALF:
+        values = array.numpy()
+        if values.dtype != np.float32 or values.ndim != 1:
+            raise ProtocolError(f"weights are {values.dtype}{list(values.shape)}, expected one float32 array")
+        return values
+    if array.dtype not in TRANSFER_DTYPES or len(array.shape) != 1 or len(array.data) != 2 * array.shape[0]:
+        raise ProtocolError(f"weights are {array.dtype}{list(array.shape)} in {len(array.data)} bytes, "
+                            f"expected one array of {', '.join(TRANSFER_DTYPES)}")
+    bits = np.frombuffer(array.data, dtype="<u2")
+    if array.dtype == "float16":
+        return bits.view("<f2").astype(np.float32)
+    return (bits.astype(np.uint32) << 16).view(np.float32)  # bfloat16: the top half of a float32
+
+
+def pack_weights(state: Mapping[str, torch.Tensor], keys: Sequence[str], dtype: str = "float32"
+                 ) -> ArrayRecord:
+    """The weights named `keys`, flattened into one Array of `dtype` (see the module docstring for why)."""
     flat = torch.cat([state[k].detach().reshape(-1).float().cpu() for k in keys])
-    return ArrayRecord({WEIGHTS: Array(flat.numpy())})
+    return ArrayRecord({WEIGHTS: encode(flat, dtype)})
+
+
+def cast_weights(arrays: ArrayRecord, dtype: str) -> ArrayRecord:
+    """Packed float32 weights as sent in `dtype` (the same record for float32)."""
+    if dtype == "float32":
+        return arrays
+    return ArrayRecord({WEIGHTS: encode(torch.from_numpy(decode(arrays[WEIGHTS])), dtype)})
+
+
+def transfer_dtype(arrays: ArrayRecord) -> str:
+    """The wire type of a message's weights (`TRANSFER_DTYPES`)."""
+    return str(arrays[WEIGHTS].dtype)
 
 
 def unpack_weights(arrays: ArrayRecord, keys: Sequence[str], like: Mapping[str, torch.Tensor]
@@ -260,7 +309,7 @@ def unpack_weights(arrays: ArrayRecord, keys: Sequence[str], like: Mapping[str, 
     """Inverse of `pack_weights`: the named tensors, shaped and typed like those of `like`."""
     if unknown := [k for k in keys if k not in like]:
         raise ProtocolError(f"the global weights do not fit this model (config mismatch): {unknown[:3]}")
-    flat = torch.from_numpy(arrays[WEIGHTS].numpy())
+    flat = torch.from_numpy(decode(arrays[WEIGHTS]))
     sizes = [like[k].numel() for k in keys]
     if sum(sizes) != flat.numel():
         raise ProtocolError(f"the global weights hold {flat.numel()} values; this model's {len(keys)} "

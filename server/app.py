@@ -25,16 +25,20 @@ from flwr.app import Array, ArrayRecord, Context, MessageType
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.checkpoint import model_metadata, save_checkpoint
 from common.config import config_dict, parse_config
 from common.protocol import (
     ALL,
+    ARRAYS,
+    CONFIG,
     MODEL,
     SUMMARY,
     SUMS,
     EvaluateInstruction,
     TrainInstruction,
+    cast_weights,
     site_name,
     site_payload,
     to_json,
@@ -75,8 +79,9 @@ def _evaluation(grid: Grid, settings: Settings, config_text: str, state: RunStat
                                baseline_epochs=settings.rounds * settings.local_epochs if baseline else 0,
                                baseline_steps=settings.rounds * settings.local_steps if baseline else 0,
                                final=final)
-    replies, missing = broadcast(grid, MessageType.EVALUATE, task.message(state.arrays), what, settings,
-                                 attendance)
+    # The final evaluation scores exactly the float32 model the center and the sites keep
+    sent = state.arrays if final else cast_weights(state.arrays, settings.transfer_dtype)
+    replies, missing = broadcast(grid, MessageType.EVALUATE, task.message(sent), what, settings, attendance)
     summaries = [site_payload(r, SUMMARY) for r in replies]
     site_sums = None
     if final:
@@ -139,6 +144,10 @@ def _train_round(grid: Grid, context: Context, settings: Settings, config_text: 
     align_strategy(strategy, state.arrays)
     messages = list(strategy.configure_train(server_round, state.arrays, task.record(), grid))
     ledger.configured(server_round, len(messages), strategy)
+    if settings.transfer_dtype != "float32":  # the strategy keeps the float32 weights it configured with
+        wire = cast_weights(state.arrays, settings.transfer_dtype)
+        for message in messages:
+            message.content[ARRAYS] = wire
     if settings.secagg:  # the center sees only the mean of the updates (server.secagg)
         arrays, sent = secure_round(grid, context, settings, server_round, messages, weighting(settings))
     else:
@@ -147,8 +156,10 @@ def _train_round(grid: Grid, context: Context, settings: Settings, config_text: 
                                   attendance, everyone_asked=settings.fraction_train >= 1,
                                   minimum=settings.min_nodes)
     if not settings.secagg:
+        # sites that clip their update for central DP: clipped again once decoded (half precision)
+        clip_to = float(messages[0].content[CONFIG].get(KEY_CLIPPING_NORM, 0.0)) if messages else 0.0
         replies, rejected = screen_updates(replies, state.arrays, what, max_norm=settings.max_update_norm,
-                                           norm_factor=settings.update_norm_factor)
+                                           norm_factor=settings.update_norm_factor, clip_to=clip_to)
         if not replies:
             raise RoundError(f"{what}: every update was rejected: {'; '.join(rejected)}")
         arrays, _ = strategy.aggregate_train(server_round, replies)
@@ -156,7 +167,8 @@ def _train_round(grid: Grid, context: Context, settings: Settings, config_text: 
         raise RoundError(f"round {server_round}: the strategy could not aggregate the sites' weights")
     # FedAdam's step comes out in float64; the model and its checkpoint are float32, and a resumed run
     # must continue from exactly what an uninterrupted one holds.
-    arrays = ArrayRecord({k: Array(a.numpy().astype(np.float32, copy=False)) for k, a in arrays.items()})
+    if any(a.dtype != "float32" for a in arrays.values()):
+        arrays = ArrayRecord({k: Array(a.numpy().astype(np.float32)) for k, a in arrays.items()})
     released = ledger.release(server_round, len(replies), strategy)
     reports = [(site_name(r), train_report(r)) for r in replies]
     rows = [{"round": server_round, "phase": "train", "site": site, "n": report.num_examples,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import Config
+from common.protocol import TRANSFER_DTYPES as PROTOCOL_DTYPES
 from common.sites import absolute_path
 from server.console import APP_DIR
 
@@ -31,6 +32,8 @@ SECURE_STRATEGIES = ("fedavg", "fedprox")
 SECAGG_CENTRAL_DP = "client-fixed"
 """The central DP mode SecAgg+ combines with: each site clips its update before masking it, and the center
 adds the noise to the unmasked mean (`server.secagg`)."""
+TRANSFER_DTYPES = tuple(PROTOCOL_DTYPES)
+"""The weights' type on the wire, both ways (`common.protocol`): float32, or half the bytes."""
 RESUMABLE = frozenset({"num-server-rounds", "round-timeout", "node-wait-timeout", "eval-every", "baselines",
                        "stats-min-count", "resume"})
 """Run-config keys that may change when a run is resumed: they do not change the trained weights
@@ -114,6 +117,9 @@ class Settings:
     """Central DP: δ of the reported (ε, δ)."""
     dp_clipped_count_stddev: float = _rule(low=0)
     """Adaptive central DP: noise on the count of clipped updates; 0: sampled sites / 20."""
+    transfer_dtype: str = _rule(choices=TRANSFER_DTYPES)
+    """The weights on the wire: `float32`, or `bfloat16` / `float16` (global weights out, updates back, half
+    the bytes; the center keeps and aggregates float32)."""
 
     @classmethod
     def from_run_config(cls, run: Mapping[str, Any]) -> Settings:
@@ -154,6 +160,10 @@ class Settings:
                 (s.central_dp not in ("none", SECAGG_CENTRAL_DP),
                  f"secagg combines only with central-dp = {SECAGG_CENTRAL_DP!r}: the center cannot clip "
                  "updates it never sees"),
+                (s.transfer_dtype != "float32",
+                 f"secagg with transfer-dtype = {s.transfer_dtype!r}: SecAgg+ sends each update in its own "
+                 "encoding (quantized to 2^24 levels, masked integers of 8 bytes a weight); use "
+                 "transfer-dtype = \"float32\""),
             ) if failed]
         return problems
 

@@ -56,6 +56,7 @@ def test_an_unknown_or_missing_key_is_named(run):
     ({"local-epochs": 0, "local-steps": 0}, "local-epochs or local-steps must be at least 1"),
     ({"secagg": True, "min-nodes": 2}, "secagg needs min-nodes >= 3"),
     ({"secagg": True, "min-nodes": 3, "strategy": "median"}, "strategy 'median' needs single updates"),
+    ({"secagg": True, "min-nodes": 3, "transfer-dtype": "bfloat16"}, "SecAgg\\+ sends each update in its"),
     ({"central-dp": "server-fixed", "dp-sampled-sites": 0}, "dp-sampled-sites must be the number"),
     ({"config": "/nonexistent/x.toml"}, r"config: /nonexistent/x.toml does not exist"),
     ({"out-dir": "runs/x"}, r"out-dir = 'runs/x': give an absolute path"),
