@@ -144,8 +144,9 @@ def federation_table(args: argparse.Namespace) -> None:
                           .replace('precision = "auto"', f'precision = "{precision}"'))
         data = Path(tmp) / "data"
         # Matrices near the detector's (scale 0.5: ~1700×1300), so decoding and resizing are realistic.
-        if cli(["synth", str(data), "--sites", str(args.federation), "--train", str(args.exams),
-                "--test", "16", "--scale", "0.5"]):
+        train, test = (",".join([str(n)] * args.federation) for n in (args.exams, 16))
+        if cli(["synth", str(data), "--sites", str(args.federation), "--train", train, "--test", test,
+                "--scale", "0.5"]):
             raise SystemExit("fedmammo synth failed")
         started = time.perf_counter()
         outcome = simulate(data, {"config": str(config), "num-server-rounds": args.rounds, "local-epochs": 1,
