@@ -70,9 +70,11 @@ figure { margin: .8rem 0 1.4rem; }
 figure img { display: block; max-width: min(100%, 30rem); height: auto; border: 1px solid var(--line); }
 figure.wide img { max-width: min(100%, 60rem); }
 figcaption { max-width: 60rem; color: var(--muted); font-size: 13px; }
-.settings { display: grid; grid-template-columns: repeat(auto-fill, minmax(24rem, 1fr)); gap: 0 2rem; }
-.settings th, .settings td { text-align: left; white-space: normal; overflow-wrap: anywhere; }
-.settings th { background: none; border-bottom: 1px solid var(--line); font-weight: 500; }
+.settings { column-width: 17rem; column-gap: 2.5rem; margin: .4rem 0 1rem; font-size: 14px; }
+.settings div { display: flex; justify-content: space-between; gap: 1rem; padding: .2rem 0;
+  border-bottom: 1px solid var(--line); break-inside: avoid; }
+.settings dt { color: var(--muted); white-space: nowrap; }
+.settings dd { margin: 0; text-align: right; overflow-wrap: anywhere; font-variant-numeric: tabular-nums; }
 @media (max-width: 60rem) { body { display: block; } nav { position: static; height: auto; border: 0; } }
 @media print { body { display: block; } nav { display: none; } h2, h3 { break-after: avoid; }
   tr, figure { break-inside: avoid; } }
@@ -150,17 +152,16 @@ def _value(value: Any) -> str:
     return "—" if value is None else value if isinstance(value, str) else json.dumps(value)
 
 
-def _settings(run: Mapping[str, Any]) -> str:
-    """The run's settings from report.json: Flower's run config, and each section of the fedmammo config."""
-    tables = [("Run config", run["run-config"]),
-              *((f"fedmammo config [{name}]", values) for name, values in run["config"].items())]
-    cards = "".join(
-        f'<div class="scroll"><table><thead><tr><th colspan="2">{html.escape(title)}</th></tr></thead><tbody>'
-        + "".join(f'<tr><th scope="row">{html.escape(str(key))}</th><td>{html.escape(_value(value))}</td>'
-                  "</tr>" for key, value in values.items())
-        + "</tbody></table></div>"
-        for title, values in tables)
-    return f'<div class="settings">{cards}</div>'
+def _settings(run: Mapping[str, Any]) -> list[tuple[int, str, str]]:
+    """The run's settings from report.json as (level, title, HTML) sections: Flower's run config, and each
+    section of the fedmammo config, as lists of key and value."""
+    def listing(values: Mapping[str, Any]) -> str:
+        return '<dl class="settings">' + "".join(
+            f"<div><dt>{html.escape(str(key))}</dt><dd>{html.escape(_value(value))}</dd></div>"
+            for key, value in values.items()) + "</dl>"
+
+    return [(2, "Run settings", ""), (3, "Run config (Flower)", listing(run["run-config"])),
+            *((3, f"fedmammo config [{name}]", listing(values)) for name, values in run["config"].items())]
 
 
 def _toc(entries: Sequence[tuple[int, str, str]]) -> str:
@@ -184,12 +185,12 @@ def page(report: Mapping[str, Any], files: Mapping[str, bytes]) -> str:
     curves = ("Training loss per round (left) and the pooled test AUC with its 95% CI at each evaluated "
               "round (right); each site dotted" + ("; the synthetic cohort's ideal observer dashed."
                                                    if report.get("ceiling") else "."))
-    extra = [("Learning curves", _figure(files["learning_curves.png"], "Learning curves", curves, "wide")),
-             ("Run settings", _settings(report["run"]))]
-    for title, content in extra:
+    extra = [(2, "Learning curves", _figure(files["learning_curves.png"], "Learning curves", curves, "wide")),
+             *_settings(report["run"])]
+    for level, title, content in extra:
         anchor = _anchor(title, used)
-        toc.append((2, anchor, title))
-        body += [_raw(f'<h2 id="{anchor}">{html.escape(title)}</h2>'), _raw(content)]
+        toc.append((level, anchor, title))
+        body += [_raw(f'<h{level} id="{anchor}">{html.escape(title)}</h{level}>\n{content}')]
     title = f"Federated evaluation, run {report['run']['token']}"
     return f"""<!DOCTYPE html>
 <html lang="en">

@@ -72,7 +72,7 @@ def test_report_html_is_report_md_with_its_figures_and_the_runs_settings(report)
                 if line.startswith("#")]
     assert len(headings) > 10 and all(f">{html.escape(heading)}</h" in text for heading in headings)
     assert text.count('<img src="data:image/png;base64,') == len(list(report.glob("*.png")))
-    assert "<td>/data/&lt;sites&gt;</td>" in text and '<th scope="row">precision</th><td>—</td>' in text
+    assert "<dd>/data/&lt;sites&gt;</dd>" in text and "<dt>precision</dt><dd>—</dd>" in text  # the settings
     assert text.count('class="ne"') > 1 and "not estimable" in text  # n/e explained
 
 
