@@ -35,8 +35,8 @@ _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri '
 _NE_HTML = '<abbr class="ne" title="not estimable (see How to read the tables, at the top)">n/e</abbr>'
 _LEGEND = ('<aside class="legend"><strong>How to read the tables.</strong> Each value is followed by its 95% '
            "confidence interval in grey: DeLong's for an AUC, Wilson's for a sensitivity, specificity or "
-           "accuracy. A rater calls an exam positive at or above its threshold. P: DeLong's paired test of "
-           f"the two AUCs. {_NE_HTML}: {html.escape(NOT_ESTIMABLE)}.</aside>")
+           "accuracy. A rater calls an exam positive at or above its threshold. DeLong Z and P: DeLong's "
+           f"paired test of the two AUCs. {_NE_HTML}: {html.escape(NOT_ESTIMABLE)}.</aside>")
 _STYLE = """
 :root { --ink: #1d2733; --muted: #667280; --line: #d9dee4; --band: #f3f5f7; --accent: #1f5f8b; }
 * { box-sizing: border-box; }
