@@ -1,5 +1,6 @@
 """The federated evaluation's report folder: report.json, report.md in the study's table layout, the
-tables as CSV, ROC curves and learning curves as PNG, written together and atomically.
+tables as CSV, ROC curves and learning curves as PNG, and report.html (`server.report_html`: report.md and
+the figures as one page), written together and atomically.
 
 The tables and ROC figures are `common.stats.report`'s, fed with the federated analysis (which has the
 layout of `common.stats.analyze`) and with the cases the pooled histograms stand for.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,10 @@ from matplotlib.figure import Figure
 
 from common.atomic import write_files_atomic
 from common.protocol import ALL, MODEL
-from common.stats.report import comparisons_csv, raters_csv, roc_png, to_json, to_markdown
+from common.stats.report import comparisons_csv, raters_csv, roc_name, roc_png, to_json, to_markdown
 from server.evaluation import SITE_GROUP, expand
 from server.privacy import markdown as privacy_markdown
+from server.report_html import page
 
 _SPLITS = ("train", "val", "test")
 
@@ -152,8 +153,8 @@ def write_report(folder: Path, report: Mapping[str, Any]) -> Path:
         table = evaluation if group == ALL else evaluation["subgroups"][group]
         if any(r["auc"] is not None for r in table["raters"].values()):
             truth, scores = expand(histograms, table["raters"])
-            name = "roc.png" if group == ALL else "roc_" + re.sub(r"[^A-Za-z0-9._-]+", "_", group) + ".png"
-            files[name] = roc_png(truth, scores, table, f"{'All sites' if group == ALL else group} "
-                                                        f"(n = {table['n_cases']})")
+            title = f"{'All sites' if group == ALL else group} (n = {table['n_cases']})"
+            files[roc_name(group)] = roc_png(truth, scores, table, title)
+    files["report.html"] = page(report, files).encode()
     write_files_atomic({folder / name: data for name, data in files.items()})
     return folder

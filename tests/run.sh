@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a fresh machine with Python 3.11, then run it.
-#   - Debian tools the tests use: dciodvfy (dicom3tools), dcmtk, gdcm, nginx (installed when missing and root)
+#   - Debian tools the tests use: dciodvfy (dicom3tools), dcmtk, gdcm, nginx, chromium (report.html in a
+#     headless browser), installed when missing and root
 #   - a virtual environment (FEDMAMMO_VENV, default .venv) with the project and its test extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v dciodvfy >/dev/null || ! command -v dcmcjpeg >/dev/null || ! [ -x /usr/sbin/nginx ]; then
+if ! command -v dciodvfy >/dev/null || ! command -v dcmcjpeg >/dev/null || ! [ -x /usr/sbin/nginx ] \
+    || ! command -v chromium >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcmtk libgdcm-tools nginx >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcmtk libgdcm-tools nginx \
+      chromium >/dev/null
   else
-    echo "warning: dicom3tools/dcmtk/nginx missing and not root: the tests that need them will fail or skip" >&2
+    echo "warning: dicom3tools/dcmtk/nginx/chromium missing and not root: the tests that need them will fail or skip" >&2
   fi
 fi
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from browser_support import CHROMIUM, NO_CHROMIUM, check_report_page
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
@@ -73,6 +74,12 @@ def test_a_run_checkpoints_every_round_and_writes_metrics_and_report(finished, s
     stored = config_of(checkpoint, path)
     load_weights(build_model(stored.model, stored.data.bilateral), checkpoint, path)
     assert checkpoint.metadata["round"] == 2 and stored.data.image_size == (64, 64)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
+def test_report_html_shows_every_table_and_figure_of_the_run_in_a_browser(finished):
+    page = check_report_page(finished / "report")
+    assert "Run settings" in page.value["text"] and "local-steps" in page.value["text"]
 
 
 def test_pooled_auc_ci_and_delong_equal_the_central_computation_on_the_sites_files(finished):

@@ -28,6 +28,11 @@ def _groups(result: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     return [(ALL, result), *result["subgroups"].items()]
 
 
+def roc_name(group: str) -> str:
+    """The file name of a group's ROC figure: roc.png for all cases, roc_<group>.png for a subgroup."""
+    return "roc.png" if group == ALL else "roc_" + re.sub(r"[^A-Za-z0-9._-]+", "_", group) + ".png"
+
+
 def to_json(result: Mapping[str, Any]) -> str:
     return json.dumps(result, indent=2, allow_nan=False) + "\n"
 
@@ -156,9 +161,8 @@ def report_files(result: Mapping[str, Any], truth: np.ndarray, raters: Mapping[s
     for key, mask in subgroup_masks(subgroups or {}).items():
         table = result["subgroups"][key]
         if any(r["auc"] is not None for r in table["raters"].values()):
-            name = "roc_" + re.sub(r"[^A-Za-z0-9._-]+", "_", key) + ".png"
-            files[name] = roc_png(truth[mask], {r: s.subset(mask) for r, s in raters.items()}, table,
-                                  f"{key} (n = {table['n_cases']})")
+            files[roc_name(key)] = roc_png(truth[mask], {r: s.subset(mask) for r, s in raters.items()},
+                                           table, f"{key} (n = {table['n_cases']})")
     return files
 
 
