@@ -52,8 +52,9 @@ SECAGG_WEIGHT = "secagg-weight"
 SITE_MODEL = "model.safetensors"
 """In a site's run folder after the final evaluation: the global weights with the site's own state (its
 BatchNorm layers under FedBN), a complete model that `fedmammo predict` reads."""
-MODEL, LOCAL_ONLY = "model", "local-only"
-"""Rater names of the global model's scores and of the site's own model, trained on its data alone."""
+MODEL, LOCAL_ONLY, MODEL_BIRADS = "model", "local-only", "model-birads"
+"""Rater names of the global model's scores, of the site's own model (trained on its data alone), and of
+the global model's BI-RADS head (its most probable category, read like a radiologist's BI-RADS)."""
 ALL = "all"
 """The group of all cases; subgroups are named COLUMN=VALUE (density=dense, symptoms=symptomatic)."""
 

@@ -15,7 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from common.stats.binary import McNemar, binary_metrics, kappa_table, mcnemar_tables, pair_table, wilson
+from common.stats.binary import (
+    McNemar,
+    binary_metrics,
+    kappa_table,
+    linear_weights,
+    mcnemar_tables,
+    pair_table,
+    wilson,
+)
 from common.stats.delong import delong_cov, normal_ci, paired_z, roc_auc
 from common.stats.scores import RaterScores, ScoreKind, format_score
 
@@ -145,6 +153,27 @@ def compare(truth: np.ndarray, raters: Mapping[str, RaterScores], a: str, b: str
     notes = ([no_delong] if delong is None else []) + notes
     if notes:
         entry["note"] = "; ".join(notes)
+    return entry
+
+
+def ordinal_agreement(counts: np.ndarray | None, categories: Sequence[float], confidence: float
+                      ) -> dict[str, Any]:
+    """An ordinal rater's k×k confusion matrix against a reference read (rows: the reference's category)
+    and the linearly weighted kappa with its CI; ``counts`` is None where a site withheld its matrix."""
+    entry: dict[str, Any] = {"categories": list(categories), "confusion": None, "n": None, "kappa": None,
+                             "kappa_ci": None}
+    if counts is None:
+        entry["note"] = "not estimable: a site's confusion matrix was suppressed (min_count)"
+        return entry
+    entry.update(confusion=counts.tolist(), n=int(counts.sum()))
+    if entry["n"] == 0:
+        entry["note"] = "not estimable: no case has a reference read"
+        return entry
+    kappa = kappa_table(counts, linear_weights(len(categories)), confidence)
+    if np.isnan(kappa.value):
+        entry["note"] = "not estimable: the reference and the calls are one and the same category throughout"
+    else:
+        entry.update(kappa=kappa.value, kappa_ci=[kappa.lo, kappa.hi])
     return entry
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import chdtrc, ndtri
+from scipy.special import bdtr, chdtrc, ndtri  # not scipy.stats: 1.5 s to import in every ClientApp process
 
 from common.stats._validation import StatsInputError, check_confidence, check_truth
 
@@ -53,15 +53,18 @@ class Kappa:
 
 
 def wilson(successes: int, total: int, confidence: float = 0.95) -> Proportion:
-    """Proportion ``successes / total`` with its Wilson score interval (no continuity correction)."""
+    """Proportion ``successes / total`` with its Wilson score interval (no continuity correction), in
+    Newcombe's (1998) closed form, as scipy's ``binomtest(...).proportion_ci(method="wilson")``."""
     if total == 0:
         return Proportion(float("nan"), float("nan"), float("nan"), 0, 0)
-    # Imported here: scipy.stats takes 1.5 s to import, paid by every ClientApp process (Flower starts
-    # one per message) that imports this module without computing an interval.
-    from scipy.stats import binomtest
-
-    ci = binomtest(successes, total).proportion_ci(confidence, method="wilson")
-    return Proportion(successes / total, float(ci.low), float(ci.high), successes, total)
+    p = successes / total
+    z = ndtri(0.5 + confidence / 2)
+    denominator = 2 * (total + z**2)
+    center = (2 * total * p + z**2) / denominator
+    half = z / denominator * np.sqrt(4 * total * p * (1 - p) + z**2)
+    lo = 0.0 if successes == 0 else center - half
+    hi = 1.0 if successes == total else center + half
+    return Proportion(p, float(lo), float(hi), successes, total)
 
 
 def _aligned(**arrays: object) -> list[np.ndarray]:
@@ -104,10 +107,8 @@ def mcnemar_counts(b: int, c: int) -> McNemar:
     b, c = int(b), int(c)
     if b + c == 0:
         return McNemar(0.0, 1.0, 0, 0, "exact")
-    if b + c < EXACT_BELOW:
-        from scipy.stats import binomtest  # see `wilson`
-
-        return McNemar(float(b), float(binomtest(b, b + c).pvalue), b, c, "exact")
+    if b + c < EXACT_BELOW:  # two-sided binomial test at ½: twice the smaller tail
+        return McNemar(float(b), float(min(1.0, 2 * bdtr(min(b, c), b + c, 0.5))), b, c, "exact")
     statistic = (abs(b - c) - 1) ** 2 / (b + c)
     return McNemar(statistic, float(chdtrc(1, statistic)), b, c, "chi2")
 
