@@ -28,8 +28,9 @@ from common.stats import (
     site_placement_sums,
     subgroup_labels,
 )
-from common.stats.binary import confusion, weighted_kappa
-from common.stats.federated import _site_cells, _suppression_map
+from common.stats.analysis import matched_points
+from common.stats.binary import confusion, weighted_kappa, wilson
+from common.stats.federated import _site_cells, _suppression_map, pool_pair_tables
 from common.stats.scores import BIRADS_SCALE
 from server.evaluation import common_raters, estimable, federated_analysis, pool_groups
 
@@ -338,3 +339,33 @@ def test_min_count_withholds_whole_tables_and_the_center_says_not_estimable(tmp_
             assert c["kappa"] is None and c["mcnemar"]["accuracy"] is None
             assert c["mcnemar"]["sensitivity" if what == "malignant" else "specificity"] is None
             assert f"calls on {what} exams were suppressed" in c["note"]
+
+
+def test_matched_operating_points_by_brute_force():
+    rng = np.random.default_rng(8)
+    y, scores = study(150, rng)
+    model = RaterScores(np.round(scores["model"], 1), ScoreKind.PERCENT, 50.0)
+    senior = RaterScores(scores["senior"], ScoreKind.BIRADS, 4.0)
+    got = matched_points(y, model, senior, 0.95)
+    spec_b, sens_b = np.mean(~senior.decisions()[~y]), np.mean(senior.decisions()[y])
+    best = min(t for t in np.r_[np.unique(model.scores), np.inf] if np.mean(model.scores[~y] < t) >= spec_b)
+    point = got["sensitivity_at_specificity"]
+    assert point["threshold"] == best and point["target"] == pytest.approx(spec_b)
+    assert point["value"] == pytest.approx(np.mean(model.scores[y] >= best))
+    k = int(np.sum(model.scores[y] >= best))
+    assert point["ci"] == pytest.approx([wilson(k, int(y.sum())).lo, wilson(k, int(y.sum())).hi])
+    best = max(t for t in np.unique(model.scores) if np.mean(model.scores[y] >= t) >= sens_b)
+    point = got["specificity_at_sensitivity"]
+    assert point["threshold"] == best and point["achieved"] >= sens_b
+    assert point["value"] == pytest.approx(np.mean(model.scores[~y] < best))
+    assert matched_points(np.ones(5, dtype=bool), model.subset(np.arange(5)), senior.subset(np.arange(5)),
+                          0.95) is None  # a single class
+
+
+def test_a_pair_sent_in_the_other_order_is_transposed():
+    a_first = {"a": "x", "b": "y", "malignant": [[1, 2], [3, 4]], "benign": [[5, 6], [7, 8]]}
+    b_first = {"a": "y", "b": "x", "malignant": [[1, 3], [2, 4]], "benign": None}
+    malignant, benign = pool_pair_tables([[a_first], [b_first]], "x", "y")
+    assert malignant.tolist() == [[2, 4], [6, 8]] and benign is None
+    with pytest.raises(StatsInputError, match="site 1 sent no 2×2 tables for raters 'x' and 'z'"):
+        pool_pair_tables([[{**a_first, "b": "z"}], [a_first]], "x", "z")

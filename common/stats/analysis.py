@@ -110,9 +110,10 @@ def _operating_point(count: int, total: int, threshold: float, kind: ScoreKind, 
                      achieved: float, confidence: float) -> dict[str, Any]:
     """``count / total`` at ``threshold``, chosen so that the other measure reaches ``target``."""
     prop = wilson(count, total, confidence)
-    return {"value": prop.value, "ci": [prop.lo, prop.hi], "threshold": _number(threshold),
-            "threshold_label": "none" if np.isinf(threshold) else format_score(threshold, kind),
-            "target": target, "achieved": achieved}
+    finite = bool(np.isfinite(threshold))  # +inf: no threshold reaches the target, nobody is called positive
+    return {"value": prop.value, "ci": [prop.lo, prop.hi], "threshold": float(threshold) if finite else None,
+            "threshold_label": format_score(threshold, kind) if finite else "none",
+            "target": target, "achieved": float(achieved)}
 
 
 def matched_points(truth: np.ndarray, a: RaterScores, b: RaterScores, confidence: float

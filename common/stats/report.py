@@ -61,6 +61,7 @@ DEFINITIONS = ("Sensitivity is TP / (TP + FN); specificity TN / (TN + FP); accur
                "\"precision\"; PPV TP / (TP + FP), precision in its usual sense; NPV TN / (TN + FN). "
                "Wilson 95% CIs; AUC with DeLong's 95% CI.")
 _MCNEMAR = ("sensitivity", "specificity", "accuracy")
+_MATCHED = ("sensitivity_at_specificity", "specificity_at_sensitivity")
 
 
 def _title(group: str) -> str:
@@ -149,8 +150,8 @@ def _agreement(result: Mapping[str, Any]) -> list[str]:
 
 
 def _point(point: Mapping[str, Any]) -> str:
-    return (f"{_pct(point['value'], point['ci'])} at ≥ {point['threshold_label']} "
-            f"(reaching {100 * point['achieved']:.1f}%)")
+    where = "no positive call" if point["threshold"] is None else f"≥ {point['threshold_label']}"
+    return f"{_pct(point['value'], point['ci'])} at {where} (reaching {100 * point['achieved']:.1f}%)"
 
 
 def _matched(result: Mapping[str, Any], focus: str | None) -> list[str]:
@@ -252,18 +253,23 @@ def raters_csv(result: Mapping[str, Any]) -> str:
 
 
 def comparisons_csv(result: Mapping[str, Any]) -> str:
-    """One row per group and compared pair: DeLong, McNemar (sensitivity, specificity, accuracy), kappa."""
+    """One row per group and compared pair: DeLong; McNemar (sensitivity, specificity, accuracy: statistic,
+    p, method); kappa; a's sensitivity at b's specificity and specificity at b's sensitivity."""
     header = ["group", "a", "b", "auc_a", "auc_b", "z", "p"]
-    header += [f"mcnemar_{m}_p" for m in ("sensitivity", "specificity", "accuracy")]
-    header += ["kappa", "kappa_lo", "kappa_hi", "note"]
+    header += [f"mcnemar_{m}_{k}" for m in _MCNEMAR for k in ("statistic", "p", "method")]
+    header += ["kappa", "kappa_lo", "kappa_hi"]
+    header += [f"{m}_{k}" for m in _MATCHED for k in ("value", "lo", "hi", "threshold")]
     rows = []
     for group, table in _groups(result):
         for c in table["comparisons"]:
-            mcnemar = [None if c["mcnemar"][m] is None else c["mcnemar"][m]["p"]
-                       for m in ("sensitivity", "specificity", "accuracy")]
+            mcnemar = [None if c["mcnemar"][m] is None else c["mcnemar"][m][k]
+                       for m in _MCNEMAR for k in ("statistic", "p", "method")]
+            matched = [x for m in _MATCHED for x in ([None] * 4 if c["matched"] is None else
+                                                      [c["matched"][m]["value"], *c["matched"][m]["ci"],
+                                                       c["matched"][m]["threshold"]])]
             rows.append([group, c["a"], c["b"], c["auc_a"], c["auc_b"], c["z"], c["p"], *mcnemar,
-                         c["kappa"], *_ci(c["kappa_ci"]), c.get("note")])
-    return _csv(header, rows)
+                         c["kappa"], *_ci(c["kappa_ci"]), *matched, c.get("note")])
+    return _csv([*header, "note"], rows)
 
 
 def roc_png(truth: np.ndarray, raters: Mapping[str, RaterScores], table: Mapping[str, Any], title: str
