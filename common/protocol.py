@@ -8,7 +8,7 @@ Messages (Flower's Message API; `content` is a RecordDict):
 | train | center | `arrays` (the global weights), `config` (`TrainInstruction`) |
 | train reply | site | `arrays` (its trained weights), `metrics` (`TrainReport`), `site` (its name) |
 | evaluate | center | `arrays`, `config` (`EvaluateInstruction`) |
-| evaluate reply | site | `metrics` (exams, loss), `site` (name, `summary`: its histograms as JSON) |
+| evaluate reply | site | `metrics` (exams, loss), `site` (name, `summary`: histograms, counts as JSON) |
 | query | center | `config` (`QueryInstruction`: the evaluate one plus the pooled histograms) |
 | query reply | site | `site` (name, `sums`: its placement sums as JSON) |
 
