@@ -36,7 +36,7 @@ from common.stats.analysis import NO_DELONG, compare, ordinal_agreement
 from common.stats.federated import pool_counts, pool_pair_tables
 
 SITE_GROUP = "site={}"
-NOT_QUERIED = "DeLong's test not computed: the sites send placement sums in the final evaluation only"
+NOT_QUERIED = "DeLong's test not computed: no placement sums (the sites send them in the final evaluation)"
 
 
 def common_raters(summaries: Sequence[Mapping[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
