@@ -1,6 +1,7 @@
 """Federated AUC / DeLong, kappa / McNemar, the BI-RADS head and matched operating points from site
 summaries equal the pooled computation on the concatenated cases."""
 
+import dataclasses
 import json
 from itertools import combinations
 
@@ -369,3 +370,16 @@ def test_a_pair_sent_in_the_other_order_is_transposed():
     assert malignant.tolist() == [[2, 4], [6, 8]] and benign is None
     with pytest.raises(StatsInputError, match="site 1 sent no 2×2 tables for raters 'x' and 'z'"):
         pool_pair_tables([[{**a_first, "b": "z"}], [a_first]], "x", "z")
+
+
+def test_a_site_without_cases_is_not_estimable_and_the_pooled_tables_stand(tmp_path):
+    rng = np.random.default_rng(6)
+    labels, model, birads = reader_study(90, rng)
+    site_of = np.repeat([0, 1, 2], 30)
+    labels = [dataclasses.replace(x, malignant=None) if site_of[i] == 2 else x for i, x in enumerate(labels)]
+    result, _, everything = federated_reader_study(tmp_path, labels, model, birads, site_of)
+    empty = result["subgroups"]["site=site2"]
+    assert empty["n_cases"] == 0 and empty["birads_head"]["kappa"] is None
+    assert all(c["kappa"] is None and "kappa not estimable: no cases" in c["note"]
+               for c in empty["comparisons"])
+    assert_tables_equal(result, pooled_reference([x for x in labels if x.malignant is not None], everything))

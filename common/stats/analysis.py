@@ -98,9 +98,11 @@ def agreement(malignant: np.ndarray | None, benign: np.ndarray | None, confidenc
                else _mcnemar_entry(tests[name]) for name, tables in needs.items()}
     notes = [_SUPPRESSED.format(what) for what, t in (("malignant", malignant), ("benign", benign))
              if t is None]
-    kappa = None if notes else kappa_table(malignant + benign, confidence=confidence)
-    if kappa is not None and np.isnan(kappa.value):
-        notes.append("kappa not estimable: both raters made the same call on every case")
+    empty = not notes and (malignant + benign).sum() == 0  # a site whose test exams lack a pathology
+    kappa = None if notes or empty else kappa_table(malignant + benign, confidence=confidence)
+    if empty or (kappa is not None and np.isnan(kappa.value)):
+        notes.append("kappa not estimable: " + ("no cases" if empty else
+                                                "both raters made the same call on every case"))
     entry = {"mcnemar": mcnemar, "kappa": None if kappa is None else _number(kappa.value),
              "kappa_ci": None if kappa is None or np.isnan(kappa.value) else [kappa.lo, kappa.hi]}
     return entry, notes
