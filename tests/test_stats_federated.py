@@ -240,9 +240,10 @@ def federated_reader_study(tmp_path, labels, model, birads, site_of, min_count=1
     return result, cases, read_cases(everything, 50.0)
 
 
-def pooled_reference(labels, cases):
-    """`analyze` on the pooled cases, subgroups as the sites form them."""
-    raters = {r: RaterScores(v.scores, ScoreKind(v.kind), v.threshold) for r, v in cases.raters.items()}
+def pooled_reference(labels, cases, names=None):
+    """`analyze` on the pooled cases (raters `names`, default all), subgroups as the sites form them."""
+    raters = {r: RaterScores(v.scores, ScoreKind(v.kind), v.threshold) for r, v in cases.raters.items()
+              if names is None or r in names}
     symptoms = np.array(["symptomatic" if x.symptomatic else "asymptomatic" for x in labels], dtype=object)
     subgroups = {"density": subgroup_labels("density", [x.density for x in labels]), "symptoms": symptoms}
     return analyze(cases.truth, raters, subgroups=subgroups)
@@ -382,4 +383,7 @@ def test_a_site_without_cases_is_not_estimable_and_the_pooled_tables_stand(tmp_p
     assert empty["n_cases"] == 0 and empty["birads_head"]["kappa"] is None
     assert all(c["kappa"] is None and "kappa not estimable: no cases" in c["note"]
                for c in empty["comparisons"])
-    assert_tables_equal(result, pooled_reference([x for x in labels if x.malignant is not None], everything))
+    # (Its reader columns, empty, do not read as BI-RADS: the readers are left out, the models stay.)
+    assert set(result["left_out"]) == {r for r in everything.raters if r.startswith("reader_")}
+    assert_tables_equal(result, pooled_reference([x for x in labels if x.malignant is not None], everything,
+                                                 result["raters"]))
