@@ -41,9 +41,11 @@ def _pct(value: float | None, ci: list[float] | None) -> str:
 
 
 def _auc(value: float | None, ci: list[float] | None) -> str:
+    """An AUC or kappa with its CI, to 3 decimals (a kappa of −0.0004 is 0.000, not −0.000)."""
     if value is None:
         return "n/e"
-    return f"{value:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+    lo, hi = (round(x, 3) + 0.0 for x in ci) if ci else (None, None)
+    return f"{round(value, 3) + 0.0:.3f}" + (f" ({lo:.3f}–{hi:.3f})" if ci else "")
 
 
 def _p(p: float | None) -> str:
