@@ -4,7 +4,8 @@
   FedProx's proximal term, as the server's message says); the trained weights and the loss out.
 - evaluate: the global model scores the site's test split. The per-exam predictions are written to the
   site's own output folder for the hospital to audit and never leave it; the reply holds the site's loss,
-  its exam counts and the per-class score histograms that the federated statistics pool.
+  its exam counts, the per-class score histograms, the 2×2 tables of every pair of raters' calls and the
+  BI-RADS head's confusion matrix that the federated statistics pool.
 - query: the second exchange of the federated DeLong tests: given the pooled histograms, sums over the
   site's cases, read back from its prediction file.
 

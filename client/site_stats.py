@@ -1,9 +1,10 @@
 """What a site contributes to the federated statistics: its prediction file, and the aggregates computed
-from it that it sends (histograms, then placement sums; see `common.stats.federated`).
+from it that it sends (histograms, 2×2 tables of paired calls and the BI-RADS head's confusion matrix,
+then placement sums; see `common.stats.federated`).
 
 The prediction file is the single source of both exchanges and of any audit: one row per test exam with
-its labels, the models' scores on the statistics' 0–100 grid (one decimal) and the readers' reads from
-labels.csv. It stays at the site.
+its labels (the clinical BI-RADS read among them), the models' scores on the statistics' 0–100 grid (one
+decimal), the model's BI-RADS call and the readers' reads from labels.csv. It stays at the site.
 """
 
 from __future__ import annotations
@@ -14,22 +15,20 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from client.redact import redact
-from common.labels import ExamLabel
-from common.protocol import ALL, LOCAL_ONLY, MODEL
+from common.labels import BIRADS_TARGETS, ExamLabel
+from common.protocol import ALL, LOCAL_ONLY, MODEL, MODEL_BIRADS
 from common.stats import GRIDS, StatsInputError, pool_histograms, site_histograms, site_placement_sums
 from common.stats.analysis import subgroup_labels, subgroup_masks
+from common.stats.federated import site_confusion, site_pair_tables
 from common.stats.scores import ScoreKind, default_threshold, parse_scores
 
-if TYPE_CHECKING:
-    pass
-
-CASE_COLUMNS = ("exam_id", "malignant", "density", "symptomatic", "model-birads")
-"""Prediction-file columns that are not raters; the columns after them are raters' scores."""
+CASE_COLUMNS = ("exam_id", "malignant", "density", "symptomatic", "birads")
+"""Prediction-file columns that are not raters (`birads`: the clinical read); the others are raters'."""
 _COUNTED = ("exams", "pathology", "malignant", "birads", "dense", "symptomatic")
 """What `site_counts` counts: exams, those with a pathology (of which malignant), with a 2–5 BI-RADS read
 (the BI-RADS head's target), dense and symptomatic."""
@@ -55,6 +54,8 @@ class Cases:
     groups: dict[str, np.ndarray]
     skipped: dict[str, str]
     """Reader columns that cannot be analysed, with the reason."""
+    clinical_birads: np.ndarray
+    """The clinical BI-RADS read where it is a BI-RADS head target (2–5), else NaN."""
 
     def scores(self, mask: np.ndarray, raters: Sequence[str]) -> dict[str, np.ndarray]:
         return {r: self.raters[r].scores[mask] for r in raters}
@@ -66,15 +67,15 @@ class Cases:
 def cases_csv(labels: Sequence[ExamLabel], birads: np.ndarray, scores: Mapping[str, np.ndarray]) -> str:
     """The prediction file's text; `birads` is the model's BI-RADS call, `scores` the models' 0–100 scores."""
     readers = sorted({name for label in labels for name in label.readers})
-    if clash := set(readers) & {*CASE_COLUMNS, *scores}:
+    if clash := set(readers) & {*CASE_COLUMNS, *scores, MODEL_BIRADS}:
         raise ValueError(f"labels.csv: reader column(s) {', '.join(sorted(clash))} clash with the "
                          "prediction file's columns; rename them")
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*CASE_COLUMNS, *scores, *readers])
+    writer.writerow([*CASE_COLUMNS, *scores, MODEL_BIRADS, *readers])
     for i, label in enumerate(labels):
         writer.writerow([label.exam_id, _flag(label.malignant), label.density, _flag(label.symptomatic),
-                         int(birads[i]), *(f"{s[i]:.1f}" for s in scores.values()),
+                         label.birads_target or "", *(f"{s[i]:.1f}" for s in scores.values()), int(birads[i]),
                          *(label.readers.get(r, "") for r in readers)])
     return out.getvalue()
 
@@ -84,19 +85,24 @@ def _flag(value: bool | None) -> str:
 
 
 def read_cases(path: Path, threshold: float) -> Cases:
-    """Parse a prediction file; `threshold` is the models' positive call. Only exams with a pathology are
-    cases (the statistics need the truth); a reader column that is not a complete set of BI-RADS, 0/1,
-    probability or 0–100 reads on them is skipped with its reason."""
+    """Parse a prediction file; `threshold` is the models' positive call (the BI-RADS head's is BI-RADS 4,
+    as the readers'). Only exams with a pathology are cases (the statistics need the truth); a reader
+    column that is not a complete set of BI-RADS, 0/1, probability or 0–100 reads on them is skipped with
+    its reason."""
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         numbered = [(line, row) for line, row in enumerate(reader, start=2) if row["malignant"] in ("0", "1")]
         rows = [row for _, row in numbered]
-        columns = list(reader.fieldnames or [])[len(CASE_COLUMNS):]
+        columns = [c for c in reader.fieldnames or [] if c not in CASE_COLUMNS]
     raters, skipped = {}, {}
     for column in columns:
         texts = [row[column] for row in rows]
         if column in (MODEL, LOCAL_ONLY):
             raters[column] = Rater(np.array(texts, dtype=float), str(ScoreKind.PERCENT), threshold)
+            continue
+        if column == MODEL_BIRADS:
+            raters[column] = Rater(np.array(texts, dtype=float), str(ScoreKind.BIRADS),
+                                   float(default_threshold(ScoreKind.BIRADS)))
             continue
         try:
             values, kind = parse_scores(texts, column, [line for line, _ in numbered])
@@ -113,7 +119,8 @@ def read_cases(path: Path, threshold: float) -> Cases:
     density = subgroup_labels("density", [row["density"] for row in rows])
     groups = {ALL: np.ones(len(rows), dtype=bool),
               **subgroup_masks({"density": density, "symptoms": symptoms})}
-    return Cases(np.array([row["malignant"] == "1" for row in rows]), raters, groups, skipped)
+    clinical = np.array([float(row["birads"]) if row["birads"] else np.nan for row in rows])
+    return Cases(np.array([row["malignant"] == "1" for row in rows]), raters, groups, skipped, clinical)
 
 
 def site_counts(labels: Sequence[ExamLabel]) -> dict[str, dict[str, int]]:
@@ -129,11 +136,22 @@ def site_counts(labels: Sequence[ExamLabel]) -> dict[str, dict[str, int]]:
 
 
 def histograms(cases: Cases, min_count: int = 1) -> dict[str, dict[str, Any]]:
-    """Exchange 1: per group, every rater's per-class histograms on its grid."""
+    """Exchange 1: per group, every rater's per-class histograms on its grid, every pair of raters' 2×2
+    tables of calls (`pairs`), and the BI-RADS head's confusion matrix against the clinical read on the
+    cases that have one (`birads_head`: categories and counts, the counts null when suppressed)."""
     raters = list(cases.raters)
-    return {group: site_histograms(cases.truth[mask], cases.scores(mask, raters), cases.kinds(raters),
-                                   min_count=min_count)
-            for group, mask in cases.groups.items()}
+    thresholds = {r: cases.raters[r].threshold for r in raters}
+    summary = {}
+    for group, mask in cases.groups.items():
+        truth, scores, kinds = cases.truth[mask], cases.scores(mask, raters), cases.kinds(raters)
+        summary[group] = {**site_histograms(truth, scores, kinds, min_count=min_count),
+                          "pairs": site_pair_tables(truth, scores, kinds, thresholds, min_count=min_count)}
+        if MODEL_BIRADS in cases.raters:
+            read = mask & ~np.isnan(cases.clinical_birads)
+            counts = site_confusion(cases.clinical_birads[read], cases.raters[MODEL_BIRADS].scores[read],
+                                    BIRADS_TARGETS, min_count=min_count)
+            summary[group]["birads_head"] = {"categories": list(BIRADS_TARGETS), "counts": counts}
+    return summary
 
 
 def placement_sums(cases: Cases, pooled: Mapping[str, Mapping[str, Any]], min_count: int = 1

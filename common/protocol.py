@@ -8,7 +8,7 @@ Messages (Flower's Message API; `content` is a RecordDict):
 | train | center | `arrays` (the global weights), `config` (`TrainInstruction`) |
 | train reply | site | `arrays` (its trained weights), `metrics` (`TrainReport`), `site` (its name) |
 | evaluate | center | `arrays`, `config` (`EvaluateInstruction`) |
-| evaluate reply | site | `metrics` (exams, loss), `site` (name, `summary`: its histograms as JSON) |
+| evaluate reply | site | `metrics` (exams, loss), `site` (name, `summary`: histograms, counts as JSON) |
 | query | center | `config` (`QueryInstruction`: the evaluate one plus the pooled histograms) |
 | query reply | site | `site` (name, `sums`: its placement sums as JSON) |
 
@@ -64,8 +64,9 @@ SECAGG_WEIGHT = "secagg-weight"
 SITE_MODEL = "model.safetensors"
 """In a site's run folder after the final evaluation: the global weights with the site's own state (its
 BatchNorm layers under FedBN), a complete model that `fedmammo predict` reads."""
-MODEL, LOCAL_ONLY = "model", "local-only"
-"""Rater names of the global model's scores and of the site's own model, trained on its data alone."""
+MODEL, LOCAL_ONLY, MODEL_BIRADS = "model", "local-only", "model-birads"
+"""Rater names of the global model's scores, of the site's own model (trained on its data alone), and of
+the global model's BI-RADS head (its most probable category, read like a radiologist's BI-RADS)."""
 ALL = "all"
 """The group of all cases; subgroups are named COLUMN=VALUE (density=dense, symptoms=symptomatic)."""
 

@@ -2,24 +2,27 @@
 (never their cases) to per-site and pooled tables in the layout of `common.stats.analyze`.
 
 Exchange 1 gives each site's per-class histograms per group (all cases, density, symptoms) and rater
-(the global model, the site's local-only model when asked, the readers in its labels). Added up they are
-exact sufficient statistics of every rater's ROC, AUC, DeLong CI, and sensitivity / specificity /
-accuracy at its threshold, so each table's per-rater rows come from `analyze` run on the cases the
-histograms stand for (each count expanded into that many cases at its cell's score): the same numbers
-as on the concatenated prediction files. Paired DeLong tests (global model vs each reader and vs the
-local-only models) need exchange 2's placement sums (`common.stats.federated.pooled_analysis`); McNemar
-and kappa need case-level pairs, so they are not computed federated.
+(the global model, its BI-RADS head, the site's local-only model when asked, the readers in its labels).
+Added up they are exact sufficient statistics of every rater's ROC, AUC, DeLong CI, and sensitivity /
+specificity / accuracy / PPV / NPV at its threshold, and of matched operating points, so each table's
+per-rater rows come from `analyze` run on the cases the histograms stand for (each count expanded into
+that many cases at its cell's score): the same numbers as on the concatenated prediction files.
+Exchange 1 also holds every pair of raters' 2×2 tables of calls on malignant and benign cases: added up,
+they give McNemar's tests and Cohen's kappa (`common.stats.analysis.compare`, the pooled path's own
+code), and the BI-RADS head's confusion matrices against the clinical read its weighted kappa. Paired
+DeLong tests need exchange 2's placement sums (`common.stats.federated.pooled_analysis`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from itertools import combinations
 from typing import Any
 
 import numpy as np
 
-from common.protocol import ALL, MODEL, to_json
+from common.protocol import ALL, to_json
 from common.stats import (
     GRIDS,
     RaterScores,
@@ -29,9 +32,11 @@ from common.stats import (
     pool_histograms,
     pooled_analysis,
 )
+from common.stats.analysis import NO_DELONG, compare, ordinal_agreement
+from common.stats.federated import pool_counts, pool_pair_tables
 
 SITE_GROUP = "site={}"
-_MCNEMAR = ("sensitivity", "specificity", "accuracy")
+NOT_QUERIED = "DeLong's test not computed: no placement sums (the sites send them in the final evaluation)"
 
 
 def common_raters(summaries: Sequence[Mapping[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
@@ -109,20 +114,38 @@ def expand(histograms: Mapping[str, Any], raters: Mapping[str, Mapping[str, Any]
     return truth, scores
 
 
+def _birads_head(heads: Sequence[Mapping[str, Any] | None], confidence: float) -> dict[str, Any] | None:
+    """The BI-RADS head against the clinical read: the sites' confusion matrices added up, weighted kappa."""
+    if not heads or any(h is None for h in heads):
+        return None
+    categories = heads[0]["categories"]
+    if any(h["categories"] != categories for h in heads):
+        raise StatsInputError("the sites' BI-RADS head confusion matrices have different categories")
+    k = len(categories)
+    counts = pool_counts([h["counts"] for h in heads], (k, k), "the BI-RADS head's confusion matrix")
+    return ordinal_agreement(counts, categories, confidence)
+
+
 def group_table(histograms: Mapping[str, Any], raters: Mapping[str, Mapping[str, Any]],
-                sums: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
-    """One group's table in `analyze`'s layout: every rater's row, and with exchange-2 `sums` DeLong's
-    paired test of the global model against each other rater."""
+                sums: Sequence[Mapping[str, Any]] | None, exchange1: Sequence[Mapping[str, Any]]
+                ) -> dict[str, Any]:
+    """One group's table in `analyze`'s layout: every rater's row, and for every pair of raters McNemar's
+    tests and kappa from the sites' 2×2 tables (in `exchange1`, their summaries of the group), matched
+    operating points, and with exchange-2 `sums` DeLong's paired test (else null, with a note saying
+    why); `birads_head` from the sites' confusion matrices."""
     truth, scores = expand(histograms, raters)
     table = analyze(truth, scores, comparisons=[])
     del table["subgroups"]
-    if not sums:
-        return table
-    tested = pooled_analysis(histograms, sums, table["confidence"])
-    for c in tested["comparisons"]:
-        if MODEL in (c["a"], c["b"]):
-            table["comparisons"].append({**c, "kappa": None, "kappa_ci": None,
-                                         "mcnemar": dict.fromkeys(_MCNEMAR)})
+    confidence = table["confidence"]
+    tested = {(c["a"], c["b"]): (c["z"], c["p"])
+              for c in (pooled_analysis(histograms, sums, confidence)["comparisons"] if sums else [])}
+    aucs = {r: np.nan if e["auc"] is None else e["auc"] for r, e in table["raters"].items()}
+    no_delong = NOT_QUERIED if estimable(histograms) else NO_DELONG
+    for a, b in combinations(raters, 2):
+        tables = pool_pair_tables([s["pairs"] for s in exchange1], a, b)
+        table["comparisons"].append(compare(truth, scores, a, b, (aucs[a], aucs[b]), tested.get((a, b)),
+                                            tables, confidence, no_delong))
+    table["birads_head"] = _birads_head([s.get("birads_head") for s in exchange1], confidence)
     return table
 
 
@@ -139,7 +162,8 @@ def federated_analysis(summaries: Sequence[Mapping[str, Any]],
     for group, histograms in pooled.items():
         sums = None if site_sums is None else [s["pooled"][group] for s in site_sums.values()
                                                if group in s["pooled"]]
-        table = group_table(histograms, raters, sums if estimable(histograms) else None)
+        exchange1 = [s["groups"][group] for s in summaries if group in s["groups"]]
+        table = group_table(histograms, raters, sums if estimable(histograms) else None, exchange1)
         if group == ALL:
             result = {**table, "subgroups": {}}
         else:
@@ -148,7 +172,8 @@ def federated_analysis(summaries: Sequence[Mapping[str, Any]],
         group = SITE_GROUP.format(summary["site"])
         histograms_used[group] = _subset(summary["groups"][ALL], list(raters))
         own = None if site_sums is None else site_sums[summary["site"]]["own"]
-        result["subgroups"][group] = group_table(histograms_used[group], raters, own and [own])
+        result["subgroups"][group] = group_table(histograms_used[group], raters, own and [own],
+                                                 [summary["groups"][ALL]])
     result["left_out"] = left_out
     result["histograms"] = json.loads(to_json(histograms_used))  # numpy → JSON's lists and numbers
     return result

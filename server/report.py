@@ -27,8 +27,8 @@ from server.report_html import page
 _SPLITS = ("train", "val", "test")
 
 
-def _table1(sites: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Table 1: each site's exams per split (malignant), and the test set's dense and symptomatic."""
+def _exams_per_site(sites: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each site's exams per split (malignant), and the test set's dense and symptomatic."""
     total: dict[str, dict[str, int]] = {}
     for site in sites:
         for split, values in site["counts"].items():
@@ -43,7 +43,7 @@ def _table1(sites: Sequence[Mapping[str, Any]]) -> list[str]:
         cells += [str(count["test"]["dense"]), str(count["test"]["symptomatic"])]
         return f"| {name} | {' | '.join(cells)} |"
 
-    return ["## Table 1. Exams per site", "",
+    return ["## Exams per site", "",
             "| Site | Train (malignant) | Validation (malignant) | Test (malignant) | Test dense "
             "| Test symptomatic |", "|---|---|---|---|---|---|",
             *(row(s["site"], s["counts"]) for s in sites), row("**All sites**", total)]
@@ -94,15 +94,16 @@ def markdown(report: Mapping[str, Any]) -> str:
     lines = ["# Federated evaluation", "",
              f"Run `{run['token']}`: {run['rounds']} rounds of {run['strategy']} over "
              f"{len(report['sites'])} sites, BatchNorm {bn}. Every figure below was computed at the "
-             "coordinating center from the sites' histograms and sums; no case left its site. Tables 2–4 "
-             "follow the study: diagnostic performance of the federated model (`model`), the sites' "
-             "local-only models and the readers on all test exams with DeLong's paired tests, then the same "
-             "by density, symptoms and site. Kappa and McNemar's tests need each case's pair of calls, which "
-             "no site sends: they are not computed (n/e).", "",
-             *_table1(report["sites"]), ""]
-    tables = to_markdown(evaluation).splitlines()[1:]  # without its own document title
-    lines += ["## Tables 2–4. Diagnostic performance, comparisons and subgroups",
-              *("#" + line if line.startswith("## ") else line for line in tables)]
+             "coordinating center from the sites' histograms, 2×2 tables of paired calls, confusion matrices "
+             "and sums; no case left its site. Tables 1–4 follow the study: DeLong's tests of each reader "
+             "against the federated model (`model`) overall and by density and symptoms; diagnostic "
+             "performance on all test exams with McNemar's tests; Cohen's kappa between raters; the same by "
+             "density, symptoms and site. `model-birads` is the model's BI-RADS head read like a "
+             "radiologist's BI-RADS (≥ 4 positive), `local-only` each site's model trained on its data "
+             "alone. Then the model's matched operating points and its BI-RADS head against the clinical "
+             "read.", "",
+             *_exams_per_site(report["sites"]), ""]
+    lines += to_markdown(evaluation, MODEL).splitlines()[1:]  # without its own document title
     if report.get("ceiling"):
         lines += ["", *_ceiling(report["ceiling"], evaluation, [s["site"] for s in report["sites"]])]
     if evaluation.get("left_out"):

@@ -32,7 +32,7 @@ from common.cli import main
 from common.config import Config
 from common.model import build_model, initial_model
 from common.protocol import LOCAL_ONLY, MODEL, SITE_MODEL, SITE_WEIGHT, WEIGHTS, pack_weights, unpack_weights
-from common.stats import auc_ci, delong_test
+from common.stats import auc_ci, cohen_kappa, delong_test, mcnemar_tests
 from common.stats.scores import parse_scores
 from server.exchange import RoundError
 from server.settings import Settings
@@ -97,6 +97,13 @@ def test_pooled_auc_ci_and_delong_equal_the_central_computation_on_the_sites_fil
         z, p = delong_test(truth, model, scores)
         entry = next(c for c in evaluation["comparisons"] if c["b"] == other)
         assert (entry["z"], entry["p"]) == pytest.approx((z, p), abs=1e-9)
+        # kappa and McNemar from the sites' 2×2 tables, as from the pairs of calls in their files
+        calls = [s >= evaluation["raters"][r]["threshold"] for r, s in ((MODEL, model), (other, scores))]
+        kappa = cohen_kappa(*calls)
+        assert entry["kappa"] == (None if np.isnan(kappa.value) else pytest.approx(kappa.value, abs=1e-12))
+        tests = mcnemar_tests(truth, *calls)
+        assert [entry["mcnemar"][m]["p"] for m in tests] == pytest.approx([t.p for t in tests.values()],
+                                                                          abs=1e-12)
 
 
 def test_each_sites_table_equals_its_own_file(finished):

@@ -1,6 +1,7 @@
 """What leaves a site, proved on a whole run (in process, see test_federation_support): every message a
 site sends in training, evaluation and the statistics' query holds only the model's weights of the
-exchanged size, metrics and the statistics summaries — no pixel array, no DICOM attribute value, no
+exchanged size, metrics and the statistics summaries (histograms, 2×2 tables of paired calls, the BI-RADS
+head's confusion matrix, sums: counts of fixed shapes) — no pixel array, no DICOM attribute value, no
 case-level row — and neither do the server's log lines, nor a failing site's error."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from test_federation_support import InProcessGrid, run_in_process
 import client.app
 from client.site_stats import read_cases
 from common.config import load_config
+from common.labels import BIRADS_TARGETS
 from common.model import initial_model
 from common.protocol import WEIGHTS
 from common.stats.scores import GRIDS
@@ -135,7 +137,7 @@ def test_evaluation_and_query_replies_hold_only_metrics_and_summaries(run):
         per_case += [list(c) for r in cases.raters.values() for c in (r.scores, np.sort(r.scores))
                      if len(set(c)) > 2]
     raters = len(cases.raters)
-    sizes = {len(g.values) for g in GRIDS.values()} | {raters, 1, 2}
+    sizes = {len(g.values) for g in GRIDS.values()} | {raters, 1, 2, len(BIRADS_TARGETS)}
     for reply in (r for r in replies if r.metadata.message_type != MessageType.TRAIN):
         assert not reply.content.array_records  # no weights, no pixels
         site = reply.content["site"]
@@ -144,6 +146,17 @@ def test_evaluation_and_query_replies_hold_only_metrics_and_summaries(run):
         if "summary" in site:
             assert set(payload) == {"site", "loss", "birads_accuracy", "counts", "raters", "skipped",
                                     "groups"}
+            for group in payload["groups"].values():  # exchange 1: histograms, 2×2 tables, confusion matrix
+                assert set(group) == {"raters", "grids", "n_pos", "n_neg", "hist_pos", "hist_neg", "pairs",
+                                      "birads_head"}
+                assert len(group["pairs"]) == raters * (raters - 1) // 2
+                for pair in group["pairs"]:
+                    assert set(pair) == {"a", "b", "malignant", "benign"}
+                    assert all(pair[w] is None or np.shape(pair[w]) == (2, 2)
+                               for w in ("malignant", "benign"))
+                head = group["birads_head"]
+                assert head["categories"] == list(BIRADS_TARGETS)
+                assert head["counts"] is None or np.shape(head["counts"]) == (4, 4)
         # no case-level row: every list of numbers is a histogram on a fixed grid or one value per rater,
         # and none is a site's column of scores
         vectors = lists_in(payload)
@@ -189,9 +202,9 @@ def test_a_failing_sites_error_reaches_the_center_without_patient_data(sites, co
 
 def test_a_reader_column_that_cannot_be_read_is_skipped_without_quoting_its_cells(tmp_path, caplog):
     path = tmp_path / "round-0001.csv"
-    path.write_text("exam_id,malignant,density,symptomatic,model-birads,model,reader_x\n"
-                    "S1P0009_R,1,c,0,4,71.5,4\n"
-                    "S1P0010_L,0,b,0,2,12.0,Jane Doe 19610203\n")
+    path.write_text("exam_id,malignant,density,symptomatic,birads,model,model-birads,reader_x\n"
+                    "S1P0009_R,1,c,0,4,71.5,4,4\n"
+                    "S1P0010_L,0,b,0,,12.0,2,Jane Doe 19610203\n")
     with caplog.at_level(logging.WARNING, logger="client.site_stats"):
         cases = read_cases(path, 50.0)
     reason = cases.skipped["reader_x"]

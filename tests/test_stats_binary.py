@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.stats import binom, chi2
+from scipy.stats import binom, binomtest, chi2
 from sklearn.metrics import cohen_kappa_score
 
 from common.stats import StatsInputError, binary_metrics, cohen_kappa, mcnemar_tests, wilson
-from common.stats.binary import mcnemar
+from common.stats.binary import confusion, kappa_table, mcnemar, mcnemar_counts, pair_table, weighted_kappa
 
 Z95 = 1.959963984540054
 
@@ -108,3 +108,45 @@ def test_validation():
         mcnemar_tests([0, 1], [0, 1], [0, 3])
     with pytest.raises(StatsInputError, match="lengths differ: y_pred_a has 2 entries, y_pred_b has 1"):
         cohen_kappa([0, 1], [1])
+
+
+def test_wilson_and_exact_mcnemar_equal_scipys_binomtest():
+    for n in range(1, 40):
+        for k in range(n + 1):
+            ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
+            assert (wilson(k, n).lo, wilson(k, n).hi) == pytest.approx((ci.low, ci.high), abs=1e-14)
+            if n < 25:
+                assert mcnemar_counts(k, n - k).p == pytest.approx(binomtest(k, n).pvalue, abs=1e-14)
+
+
+def test_pair_table_orientation_and_the_table_versions():
+    a = np.array([1, 1, 1, 0, 0, 1], dtype=bool)
+    b = np.array([1, 0, 0, 0, 1, 1], dtype=bool)
+    assert pair_table(a, b).tolist() == [[1, 1], [2, 2]]  # [a's call][b's call]
+    assert kappa_table(pair_table(a, b)) == cohen_kappa(a, b)
+    with pytest.raises(StatsInputError, match="at least one case"):
+        kappa_table(np.zeros((2, 2)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(5, 200).flatmap(lambda n: st.tuples(st.lists(st.sampled_from([2, 3, 4, 5]), min_size=n,
+                                                                 max_size=n),
+                                                        st.lists(st.sampled_from([2, 3, 4, 5]), min_size=n,
+                                                                 max_size=n))))
+def test_weighted_kappa_matches_sklearn_and_its_unweighted_form_is_cohens(pair):
+    reference, calls = np.array(pair[0], dtype=float), np.array(pair[1], dtype=float)
+    kappa = weighted_kappa(reference, calls, [2, 3, 4, 5])
+    if np.isnan(kappa.value):
+        assert len(set(reference) | set(calls)) == 1
+        return
+    assert kappa.value == pytest.approx(cohen_kappa_score(reference, calls, weights="linear"), abs=1e-12)
+    assert kappa.lo <= kappa.value <= kappa.hi
+    table = confusion(reference, calls, np.array([2.0, 3, 4, 5]))
+    assert table.sum() == len(reference) and table[0, 1] == np.count_nonzero((reference == 2) & (calls == 3))
+    plain = kappa_table(table)
+    assert plain.value == pytest.approx(cohen_kappa_score(reference, calls), abs=1e-12)
+
+
+def test_confusion_names_a_value_off_the_categories():
+    with pytest.raises(StatsInputError, match=r"calls: 6.0 at index 1 is not one of the categories 2, 3, 4"):
+        confusion(np.array([2.0, 3.0]), np.array([2.0, 6.0]), np.array([2.0, 3, 4, 5]))

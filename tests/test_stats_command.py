@@ -92,7 +92,7 @@ def test_full_study_json_matches_the_api(tmp_path):
     assert (report / "roc.png").read_bytes().startswith(b"\x89PNG")
     markdown = (report / "report.md").read_text()
     header = ("| Rater | Threshold | Sensitivity (95% CI) | Specificity (95% CI) | Accuracy (95% CI) "
-              "| AUC (95% CI) |")
+              "| PPV (95% CI) | NPV (95% CI) | AUC (95% CI) |")
     assert header in markdown
     assert "## density=dense" in markdown and "| model vs senior |" in markdown
     with open(report / "raters.csv") as f:

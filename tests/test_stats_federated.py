@@ -1,16 +1,25 @@
-"""Federated AUC / DeLong from site summaries equals the pooled computation on the concatenated cases."""
+"""Federated AUC / DeLong, kappa / McNemar, the BI-RADS head and matched operating points from site
+summaries equal the pooled computation on the concatenated cases."""
 
+import dataclasses
+import json
 from itertools import combinations
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sklearn.metrics import cohen_kappa_score
 
+from client.site_stats import cases_csv, histograms, placement_sums, read_cases
+from common.labels import BIRADS_TARGETS, ExamLabel
+from common.protocol import MODEL, MODEL_BIRADS, to_json
 from common.stats import (
     GRIDS,
+    RaterScores,
     ScoreKind,
     StatsInputError,
+    analyze,
     auc_ci,
     delong_cov,
     delong_test,
@@ -18,9 +27,13 @@ from common.stats import (
     pooled_analysis,
     site_histograms,
     site_placement_sums,
+    subgroup_labels,
 )
-from common.stats.federated import _site_cells, _suppression_map
+from common.stats.analysis import matched_points
+from common.stats.binary import confusion, weighted_kappa, wilson
+from common.stats.federated import _site_cells, _suppression_map, pool_pair_tables
 from common.stats.scores import BIRADS_SCALE
+from server.evaluation import common_raters, estimable, federated_analysis, pool_groups
 
 GRID_OF = {"model": "percent", "senior": "birads", "junior": "binary", "prob": "probability"}
 
@@ -177,3 +190,200 @@ def test_errors_name_the_problem():
         pooled_analysis(pool_histograms([site_histograms(few, scores, GRID_OF)]))
     with pytest.raises(StatsInputError, match="min_count"):
         site_histograms(y, scores, GRID_OF, min_count=0)
+
+
+# --- Agreement, McNemar, the BI-RADS head and matched operating points, through the sites' real code ---
+
+READS = ("2", "3", "4A", "4B", "4C", "5")
+
+
+def reader_study(n: int, rng: np.random.Generator, benign_symptomatic: bool = False) -> list:
+    """Exam labels with four readers' BI-RADS reads, and the model's scores and BI-RADS calls."""
+    y = rng.random(n) < 0.3
+    y[:2], y[2:4] = True, False
+    symptomatic = rng.random(n) < 0.3
+    if benign_symptomatic:  # a single-class subgroup: every symptomatic exam is benign
+        symptomatic &= ~y
+    case = rng.normal(0, 1, n)
+    latent = {name: 1.5 + shift * y + 0.8 * case + rng.normal(0, noise, n) for name, shift, noise in (
+        ("senior1", 2.5, 0.8), ("senior2", 2.2, 1.0), ("junior1", 1.0, 1.5), ("junior2", 0.9, 1.5))}
+    reads = {f"reader_{name}": np.array(READS)[np.clip(np.round(z), 0, 5).astype(int)]
+             for name, z in latent.items()}
+    clinical = np.clip(np.round(2.5 + 2 * y + 0.6 * case + rng.normal(0, 0.8, n)), 2, 5).astype(int)
+    labels = [ExamLabel(f"P{i}", f"S{i}", "L", bool(y[i]), int(clinical[i]) if i % 7 else None,
+                        "abcd"[rng.integers(4)], bool(symptomatic[i]), "test",
+                        {r: v[i] for r, v in reads.items()}) for i in range(n)]
+    model = np.clip(50 + 30 * (y - 0.5) + 15 * case + rng.normal(0, 15, n), 0, 100)
+    birads = np.clip(np.round(3 + 1.5 * (y - 0.3) + 0.5 * case + rng.normal(0, 0.7, n)), 2, 5).astype(int)
+    return labels, model, birads
+
+
+def federated_reader_study(tmp_path, labels, model, birads, site_of, min_count=1):
+    """Each site's prediction file written and read back by `client.site_stats`, its summaries through
+    JSON, and the center's `federated_analysis`; with the pooled prediction file's `Cases`."""
+    summaries, cases = [], {}
+    for s in np.unique(site_of):
+        rows = np.flatnonzero(site_of == s)
+        path = tmp_path / f"site{s}.csv"
+        path.write_text(cases_csv([labels[i] for i in rows], birads[rows], {MODEL: model[rows]}))
+        cases[f"site{s}"] = read_cases(path, 50.0)
+        raters = {r: {"kind": v.kind, "threshold": v.threshold} for r, v in cases[f"site{s}"].raters.items()}
+        summaries.append(json.loads(to_json({"site": f"site{s}", "skipped": {}, "raters": raters,
+                                             "groups": histograms(cases[f"site{s}"], min_count)})))
+    raters, _ = common_raters(summaries)
+    pooled = {g: h for g, h in pool_groups(summaries, list(raters)).items() if estimable(h)}
+    pooled = json.loads(to_json(pooled))
+    sums = {name: json.loads(to_json(placement_sums(c, pooled, min_count))) for name, c in cases.items()}
+    result = federated_analysis(summaries, sums)
+    everything = tmp_path / "pooled.csv"
+    everything.write_text(cases_csv(labels, birads, {MODEL: model}))
+    return result, cases, read_cases(everything, 50.0)
+
+
+def pooled_reference(labels, cases, names=None):
+    """`analyze` on the pooled cases (raters `names`, default all), subgroups as the sites form them."""
+    raters = {r: RaterScores(v.scores, ScoreKind(v.kind), v.threshold) for r, v in cases.raters.items()
+              if names is None or r in names}
+    symptoms = np.array(["symptomatic" if x.symptomatic else "asymptomatic" for x in labels], dtype=object)
+    subgroups = {"density": subgroup_labels("density", [x.density for x in labels]), "symptoms": symptoms}
+    return analyze(cases.truth, raters, subgroups=subgroups)
+
+
+def assert_tables_equal(got, want):
+    assert list(got["raters"]) == list(want["raters"])
+    for r, entry in want["raters"].items():
+        for key in ("auc", "sensitivity", "specificity", "accuracy", "ppv", "npv"):
+            assert got["raters"][r][key] == pytest.approx(entry[key], abs=1e-12, nan_ok=True), (r, key)
+    assert [(c["a"], c["b"]) for c in got["comparisons"]] == [(c["a"], c["b"]) for c in want["comparisons"]]
+    for c, w in zip(got["comparisons"], want["comparisons"], strict=True):
+        assert c["kappa"] == pytest.approx(w["kappa"], abs=1e-12)
+        assert c["kappa_ci"] == pytest.approx(w["kappa_ci"], abs=1e-12)
+        assert c["mcnemar"].keys() == w["mcnemar"].keys()
+        for name, test in w["mcnemar"].items():
+            if test is None:
+                assert c["mcnemar"][name] is None
+                continue
+            assert (c["mcnemar"][name]["b"], c["mcnemar"][name]["c"], c["mcnemar"][name]["method"]) == (
+                test["b"], test["c"], test["method"])
+            assert c["mcnemar"][name]["statistic"] == pytest.approx(test["statistic"], abs=1e-12)
+            assert c["mcnemar"][name]["p"] == pytest.approx(test["p"], abs=1e-12)
+        assert (c["z"] is None) == (w["z"] is None)
+        if w["z"] is not None:
+            assert (c["z"], c["p"]) == pytest.approx((w["z"], w["p"]), abs=1e-9)
+        assert c["matched"] == w["matched"]
+        assert c.get("note") == w.get("note")
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(30, 300), n_sites=st.integers(1, 5), seed=st.integers(0, 2**32 - 1))
+def test_federated_agreement_mcnemar_and_birads_head_equal_the_pooled_analysis(tmp_path_factory, n, n_sites,
+                                                                               seed):
+    rng = np.random.default_rng(seed)
+    labels, model, birads = reader_study(n, rng)
+    site_of = rng.integers(0, n_sites, n)
+    result, cases, everything = federated_reader_study(tmp_path_factory.mktemp("s"), labels, model, birads,
+                                                       site_of)
+    want = pooled_reference(labels, everything)
+    assert MODEL_BIRADS in result["raters"] and result["raters"][MODEL_BIRADS]["kind"] == "birads"
+    assert_tables_equal(result, want)
+    for group, table in want["subgroups"].items():
+        assert_tables_equal(result["subgroups"][group], table)
+    for s, site_cases in cases.items():  # each site's own tables: its cases alone
+        assert_tables_equal(result["subgroups"][f"site={s}"], pooled_reference(
+            [labels[i] for i in np.flatnonzero(site_of == int(s.removeprefix("site")))], site_cases))
+    read = ~np.isnan(everything.clinical_birads)
+    reference, calls = everything.clinical_birads[read], everything.raters[MODEL_BIRADS].scores[read]
+    kappa = weighted_kappa(reference, calls, BIRADS_TARGETS)
+    head = result["birads_head"]
+    assert head["confusion"] == confusion(reference, calls, np.array(BIRADS_TARGETS, dtype=float)).tolist()
+    assert head["kappa"] == pytest.approx(kappa.value, abs=1e-12)
+    assert head["kappa_ci"] == pytest.approx([kappa.lo, kappa.hi], abs=1e-12)
+    if not np.isnan(kappa.value):
+        assert kappa.value == pytest.approx(cohen_kappa_score(reference, calls, weights="linear"), abs=1e-12)
+
+
+def test_a_single_class_subgroup_is_still_not_estimable(tmp_path):
+    rng = np.random.default_rng(3)
+    labels, model, birads = reader_study(200, rng, benign_symptomatic=True)
+    result, _, everything = federated_reader_study(tmp_path, labels, model, birads, rng.integers(0, 3, 200))
+    table = result["subgroups"]["symptoms=symptomatic"]
+    assert table["n_pos"] == 0
+    assert all(r["auc"] is None and r["note"].startswith("not estimable") for r in table["raters"].values())
+    for c in table["comparisons"]:
+        assert c["z"] is None and c["mcnemar"]["sensitivity"] is None and c["matched"] is None
+        assert c["note"].startswith("not estimable: DeLong's test needs")
+    assert_tables_equal(table, pooled_reference(labels, everything)["subgroups"]["symptoms=symptomatic"])
+
+
+def test_min_count_withholds_whole_tables_and_the_center_says_not_estimable(tmp_path):
+    rng = np.random.default_rng(4)
+    labels, model, birads = reader_study(150, rng)
+    k = 4
+    site_of = rng.integers(0, 3, 150)
+    result, cases, _ = federated_reader_study(tmp_path, labels, model, birads, site_of, min_count=k)
+    withheld = []
+    for name, site_cases in cases.items():
+        for group, summary in histograms(site_cases, k).items():
+            for pair in summary["pairs"]:
+                for what in ("malignant", "benign"):
+                    if pair[what] is None:
+                        withheld.append((name, group, pair["a"], pair["b"], what))
+                    else:
+                        assert np.all((pair[what] == 0) | (pair[what] >= k))  # no small cell leaves the site
+            counts = summary["birads_head"]["counts"]
+            assert counts is None or np.all((counts == 0) | (counts >= k))
+    assert withheld  # this split leaves small cells somewhere
+    for name, group, a, b, what in withheld:
+        tables = [result if group == "all" else result["subgroups"][group]]
+        tables += [result["subgroups"][f"site={name}"]] if group == "all" else []
+        for table in tables:  # the pooled group's table, and the site's own
+            c = next(c for c in table["comparisons"] if (c["a"], c["b"]) == (a, b))
+            assert c["kappa"] is None and c["mcnemar"]["accuracy"] is None
+            assert c["mcnemar"]["sensitivity" if what == "malignant" else "specificity"] is None
+            assert f"calls on {what} exams were suppressed" in c["note"]
+
+
+def test_matched_operating_points_by_brute_force():
+    rng = np.random.default_rng(8)
+    y, scores = study(150, rng)
+    model = RaterScores(np.round(scores["model"], 1), ScoreKind.PERCENT, 50.0)
+    senior = RaterScores(scores["senior"], ScoreKind.BIRADS, 4.0)
+    got = matched_points(y, model, senior, 0.95)
+    spec_b, sens_b = np.mean(~senior.decisions()[~y]), np.mean(senior.decisions()[y])
+    best = min(t for t in np.r_[np.unique(model.scores), np.inf] if np.mean(model.scores[~y] < t) >= spec_b)
+    point = got["sensitivity_at_specificity"]
+    assert point["threshold"] == best and point["target"] == pytest.approx(spec_b)
+    assert point["value"] == pytest.approx(np.mean(model.scores[y] >= best))
+    k = int(np.sum(model.scores[y] >= best))
+    assert point["ci"] == pytest.approx([wilson(k, int(y.sum())).lo, wilson(k, int(y.sum())).hi])
+    best = max(t for t in np.unique(model.scores) if np.mean(model.scores[y] >= t) >= sens_b)
+    point = got["specificity_at_sensitivity"]
+    assert point["threshold"] == best and point["achieved"] >= sens_b
+    assert point["value"] == pytest.approx(np.mean(model.scores[~y] < best))
+    assert matched_points(np.ones(5, dtype=bool), model.subset(np.arange(5)), senior.subset(np.arange(5)),
+                          0.95) is None  # a single class
+
+
+def test_a_pair_sent_in_the_other_order_is_transposed():
+    a_first = {"a": "x", "b": "y", "malignant": [[1, 2], [3, 4]], "benign": [[5, 6], [7, 8]]}
+    b_first = {"a": "y", "b": "x", "malignant": [[1, 3], [2, 4]], "benign": None}
+    malignant, benign = pool_pair_tables([[a_first], [b_first]], "x", "y")
+    assert malignant.tolist() == [[2, 4], [6, 8]] and benign is None
+    with pytest.raises(StatsInputError, match="site 1 sent no 2×2 tables for raters 'x' and 'z'"):
+        pool_pair_tables([[{**a_first, "b": "z"}], [a_first]], "x", "z")
+
+
+def test_a_site_without_cases_is_not_estimable_and_the_pooled_tables_stand(tmp_path):
+    rng = np.random.default_rng(6)
+    labels, model, birads = reader_study(90, rng)
+    site_of = np.repeat([0, 1, 2], 30)
+    labels = [dataclasses.replace(x, malignant=None) if site_of[i] == 2 else x for i, x in enumerate(labels)]
+    result, _, everything = federated_reader_study(tmp_path, labels, model, birads, site_of)
+    empty = result["subgroups"]["site=site2"]
+    assert empty["n_cases"] == 0 and empty["birads_head"]["kappa"] is None
+    assert all(c["kappa"] is None and "kappa not estimable: no cases" in c["note"]
+               for c in empty["comparisons"])
+    # (Its reader columns, empty, do not read as BI-RADS: the readers are left out, the models stay.)
+    assert set(result["left_out"]) == {r for r in everything.raters if r.startswith("reader_")}
+    assert_tables_equal(result, pooled_reference([x for x in labels if x.malignant is not None], everything,
+                                                 result["raters"]))

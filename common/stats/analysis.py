@@ -1,6 +1,11 @@
 """The reader study's analysis of a case table: per-rater metrics, paired comparisons, and all of it again
 in every subgroup. Whatever a group's cases cannot support (one class, too few cases, nobody called
-positive) is reported as null with a ``note`` saying why, never as a crash or a made-up number."""
+positive) is reported as null with a ``note`` saying why, never as a crash or a made-up number.
+
+A comparison's entry (:func:`compare`) is built from what the federated path has too: the DeLong test,
+the pair's 2×2 tables of calls on the malignant and on the benign cases (McNemar, kappa), and each
+rater's own scores (matched operating points), so the center's tables are this module's output.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from common.stats.binary import McNemar, binary_metrics, cohen_kappa, mcnemar_tests
+from common.stats.binary import (
+    McNemar,
+    binary_metrics,
+    kappa_table,
+    linear_weights,
+    mcnemar_tables,
+    pair_table,
+    wilson,
+)
 from common.stats.delong import delong_cov, normal_ci, paired_z, roc_auc
-from common.stats.scores import RaterScores, format_score
+from common.stats.scores import RaterScores, ScoreKind, format_score
 
 DENSITY = {"a": "non-dense", "b": "non-dense", "c": "dense", "d": "dense"}
 _PROPORTIONS = ("sensitivity", "specificity", "accuracy", "ppv", "npv")
@@ -65,25 +78,106 @@ def _rater_entry(truth: np.ndarray, rater: RaterScores, auc: float, var: float, 
     return entry
 
 
-def _mcnemar_entry(test: McNemar, n: int) -> dict[str, Any] | None:
-    if n == 0:
-        return None
+NO_DELONG = "not estimable: DeLong's test needs at least 2 positive and 2 negative cases"
+_SUPPRESSED = "not estimable: a site's counts of the pair's calls on {} exams were suppressed (min_count)"
+
+
+def _mcnemar_entry(test: McNemar) -> dict[str, Any]:
     return {"statistic": test.statistic, "p": test.p, "b": test.b, "c": test.c, "method": test.method}
 
 
-def _agreement(truth: np.ndarray, a: RaterScores, b: RaterScores, confidence: float) -> dict[str, Any]:
-    """McNemar's tests and Cohen's kappa of two raters' decisions."""
-    da, db = a.decisions(), b.decisions()
+def agreement(malignant: np.ndarray | None, benign: np.ndarray | None, confidence: float
+              ) -> tuple[dict[str, Any], list[str]]:
+    """McNemar's tests and Cohen's kappa of a pair of raters from their :func:`pair_table` on the
+    malignant and on the benign cases, and notes on what is not estimable. A table is None where a site
+    suppressed it: what needs it is then null, never computed from the rest."""
+    zero = np.zeros((2, 2), dtype=int)
+    tests = mcnemar_tables(zero if malignant is None else malignant, zero if benign is None else benign)
+    needs = {"sensitivity": (malignant,), "specificity": (benign,), "accuracy": (malignant, benign)}
+    mcnemar = {name: None if any(t is None for t in tables) or sum(t.sum() for t in tables) == 0
+               else _mcnemar_entry(tests[name]) for name, tables in needs.items()}
+    notes = [_SUPPRESSED.format(what) for what, t in (("malignant", malignant), ("benign", benign))
+             if t is None]
+    empty = not notes and (malignant + benign).sum() == 0  # a site whose test exams lack a pathology
+    kappa = None if notes or empty else kappa_table(malignant + benign, confidence=confidence)
+    if empty or (kappa is not None and np.isnan(kappa.value)):
+        notes.append("kappa not estimable: " + ("no cases" if empty else
+                                                "both raters made the same call on every case"))
+    entry = {"mcnemar": mcnemar, "kappa": None if kappa is None else _number(kappa.value),
+             "kappa_ci": None if kappa is None or np.isnan(kappa.value) else [kappa.lo, kappa.hi]}
+    return entry, notes
+
+
+def _operating_point(count: int, total: int, threshold: float, kind: ScoreKind, target: float,
+                     achieved: float, confidence: float) -> dict[str, Any]:
+    """``count / total`` at ``threshold``, chosen so that the other measure reaches ``target``."""
+    prop = wilson(count, total, confidence)
+    finite = bool(np.isfinite(threshold))  # +inf: no threshold reaches the target, nobody is called positive
+    return {"value": prop.value, "ci": [prop.lo, prop.hi], "threshold": float(threshold) if finite else None,
+            "threshold_label": format_score(threshold, kind) if finite else "none",
+            "target": target, "achieved": float(achieved)}
+
+
+def matched_points(truth: np.ndarray, a: RaterScores, b: RaterScores, confidence: float
+                   ) -> dict[str, Any] | None:
+    """Rater a's sensitivity at rater b's specificity (a's lowest threshold whose specificity is at least
+    b's) and a's specificity at b's sensitivity (its highest threshold whose sensitivity is at least b's),
+    with Wilson CIs on the counts at that threshold: conditional on it, as it is chosen on the same cases.
+    Needs only each rater's own scores, so per-class histograms give it exactly. None for a single class."""
     n_pos = int(np.count_nonzero(truth))
-    tests = mcnemar_tests(truth, da, db)
-    kappa = cohen_kappa(da, db, confidence)
-    return {
-        "mcnemar": {"sensitivity": _mcnemar_entry(tests["sensitivity"], n_pos),
-                    "specificity": _mcnemar_entry(tests["specificity"], len(truth) - n_pos),
-                    "accuracy": _mcnemar_entry(tests["accuracy"], len(truth))},
-        "kappa": _number(kappa.value),
-        "kappa_ci": None if np.isnan(kappa.value) else [kappa.lo, kappa.hi],
-    }
+    n_neg = len(truth) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    b_calls = b.decisions()
+    b_tp, b_tn = int(np.count_nonzero(b_calls & truth)), int(np.count_nonzero(~b_calls & ~truth))
+    # Candidate thresholds: a's distinct scores and +inf (nobody called positive).
+    values = np.r_[np.unique(a.scores), np.inf]
+    tp = n_pos - np.searchsorted(np.sort(a.scores[truth]), values)  # positives scored >= each threshold
+    tn = np.searchsorted(np.sort(a.scores[~truth]), values)  # negatives scored below it
+    at_spec = int(np.argmax(tn >= b_tn))  # the lowest threshold as specific as b
+    at_sens = int(np.flatnonzero(tp >= b_tp)[-1])  # the highest threshold as sensitive as b
+    sens = _operating_point(int(tp[at_spec]), n_pos, values[at_spec], a.kind, b_tn / n_neg,
+                            tn[at_spec] / n_neg, confidence)
+    spec = _operating_point(int(tn[at_sens]), n_neg, values[at_sens], a.kind, b_tp / n_pos,
+                            tp[at_sens] / n_pos, confidence)
+    return {"sensitivity_at_specificity": sens, "specificity_at_sensitivity": spec}
+
+
+def compare(truth: np.ndarray, raters: Mapping[str, RaterScores], a: str, b: str, auc: tuple[float, float],
+            delong: tuple[float, float] | None, tables: tuple[np.ndarray | None, np.ndarray | None],
+            confidence: float, no_delong: str = NO_DELONG) -> dict[str, Any]:
+    """One comparison's entry: DeLong's Z and p (``delong``; None with the note ``no_delong``), McNemar's
+    tests and kappa from the pair's ``tables`` (malignant, benign), and a's matched operating points.
+    ``truth`` and ``raters`` serve only each rater's own scores, never their pairing."""
+    z, p = delong if delong is not None else (None, None)
+    found, notes = agreement(*tables, confidence)
+    entry = {"a": a, "b": b, "auc_a": _number(auc[0]), "auc_b": _number(auc[1]), "z": z, "p": p, **found,
+             "matched": matched_points(truth, raters[a], raters[b], confidence)}
+    notes = ([no_delong] if delong is None else []) + notes
+    if notes:
+        entry["note"] = "; ".join(notes)
+    return entry
+
+
+def ordinal_agreement(counts: np.ndarray | None, categories: Sequence[float], confidence: float
+                      ) -> dict[str, Any]:
+    """An ordinal rater's k×k confusion matrix against a reference read (rows: the reference's category)
+    and the linearly weighted kappa with its CI; ``counts`` is None where a site withheld its matrix."""
+    entry: dict[str, Any] = {"categories": list(categories), "confusion": None, "n": None, "kappa": None,
+                             "kappa_ci": None}
+    if counts is None:
+        entry["note"] = "not estimable: a site's confusion matrix was suppressed (min_count)"
+        return entry
+    entry.update(confusion=counts.tolist(), n=int(counts.sum()))
+    if entry["n"] == 0:
+        entry["note"] = "not estimable: no case has a reference read"
+        return entry
+    kappa = kappa_table(counts, linear_weights(len(categories)), confidence)
+    if np.isnan(kappa.value):
+        entry["note"] = "not estimable: the reference and the calls are one and the same category throughout"
+    else:
+        entry.update(kappa=kappa.value, kappa_ci=[kappa.lo, kappa.hi])
+    return entry
 
 
 def _table(truth: np.ndarray, raters: Mapping[str, RaterScores], pairs: Sequence[tuple[str, str]],
@@ -106,17 +200,11 @@ def _table(truth: np.ndarray, raters: Mapping[str, RaterScores], pairs: Sequence
     }
     for a, b in pairs:
         i, j = names.index(a), names.index(b)
-        z, p = (None, None) if np.isnan(cov[i, j]) else paired_z(auc, cov, i, j)
-        entry = {"a": a, "b": b, "auc_a": _number(auc[i]), "auc_b": _number(auc[j]), "z": z, "p": p,
-                 **_agreement(truth, raters[a], raters[b], confidence)}
-        notes = []
-        if z is None:
-            notes.append("not estimable: DeLong's test needs at least 2 positive and 2 negative cases")
-        if entry["kappa"] is None:
-            notes.append("kappa not estimable: both raters made the same call on every case")
-        if notes:
-            entry["note"] = "; ".join(notes)
-        table["comparisons"].append(entry)
+        calls_a, calls_b = raters[a].decisions(), raters[b].decisions()
+        tables = (pair_table(calls_a[truth], calls_b[truth]), pair_table(calls_a[~truth], calls_b[~truth]))
+        delong = None if np.isnan(cov[i, j]) else paired_z(auc, cov, i, j)
+        table["comparisons"].append(compare(truth, raters, a, b, (auc[i], auc[j]), delong, tables,
+                                            confidence))
     return table
 
 
@@ -124,7 +212,8 @@ def analyze(truth: np.ndarray, raters: Mapping[str, RaterScores],
             comparisons: Sequence[tuple[str, str]] | None = None,
             subgroups: Mapping[str, np.ndarray] | None = None, confidence: float = 0.95) -> dict[str, Any]:
     """Per-rater AUC (DeLong CI), sensitivity, specificity, accuracy, PPV, NPV (Wilson CIs); per pair
-    DeLong's Z and p, McNemar's tests and Cohen's kappa; the same for each subgroup value.
+    DeLong's Z and p, McNemar's tests, Cohen's kappa and the first rater's matched operating points
+    (:func:`matched_points`); the same for each subgroup value.
 
     ``truth`` is boolean (True = malignant); ``comparisons`` default to every pair of raters;
     ``subgroups`` maps a column name to one label per case (see :func:`subgroup_labels`). The result is

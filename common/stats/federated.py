@@ -15,6 +15,13 @@ matrices (raters × raters), Σ (V_r − AUC_r)(V_s − AUC_s) over the site's p
 V being a case's placement value looked up in the pooled histograms. Adding the sites' matrices gives
 DeLong's S10 and S01 exactly as if all cases sat in one table, hence the paired tests.
 
+Exchange 1 also carries, per pair of raters, the 2×2 table of their binary calls (at each rater's
+threshold) on the site's malignant and on its benign cases (:func:`site_pair_tables`): McNemar's tests
+and Cohen's kappa are functions of those tables alone, so the center adds them (:func:`pool_pair_tables`)
+and computes exactly what the pooled cases give (``analysis.agreement``). The table on all cases is their
+sum and is not sent. Likewise an ordinal rater's confusion matrix against a reference read
+(:func:`site_confusion`: the model's BI-RADS against the clinical read), for the weighted kappa.
+
 Without suppression or noise the results equal the pooled computation on the concatenated grid scores
 (to rounding, ~1e-15). Privacy options, applied by the site to what it sends:
 
@@ -25,6 +32,10 @@ Without suppression or noise the results equal the pooled computation on the con
   the order of cases in different blocks is kept; cases within a block become ties. The result is exact
   for the coarsened scores, and differs from the uncoarsened AUC only through pairs involving a
   coarsened case whose partner's score lies within that block's range. k = 1 changes nothing.
+  The 2×2 tables are of the calls at the reported (coarsened) cells, so they agree with the histograms;
+  a class's table, and a confusion matrix, is sent only if each of its cells holds 0 or at least k
+  cases, else null. Not just the small cell: the histograms give the tables' margins, from which one
+  withheld cell could be recovered. A null table makes what needs it not estimable at the center.
 * ``noise_sd`` (σ): independent Gaussian noise N(0, σ²) added to every count (and to the class totals)
   and, symmetrically, to every entry of the sums. One case changes one count per rater by 1 and each
   centered product by at most 1, so σ is the scale of a Gaussian mechanism; this module does no formal
@@ -46,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from common.stats._validation import StatsInputError, check_scores, check_truth
+from common.stats.binary import confusion, pair_table
 from common.stats.delong import (
     auc_covariance,
     cell_placements,
@@ -263,3 +275,63 @@ def pooled_analysis(pooled: Mapping[str, Any], placement_sums: Sequence[Mapping[
         result["comparisons"].append({"a": raters[a], "b": raters[b], "auc_a": float(auc[a]),
                                       "auc_b": float(auc[b]), "z": z, "p": p})
     return result
+
+
+def _released(counts: np.ndarray, min_count: int) -> np.ndarray | None:
+    """``counts`` if every cell holds 0 or at least ``min_count`` cases, else None (see the docstring)."""
+    return counts if np.all((counts == 0) | (counts >= min_count)) else None
+
+
+def site_pair_tables(y_true: object, scores_by_rater: Mapping[str, object], grids: Mapping[str, str],
+                     thresholds: Mapping[str, float], *, min_count: int = 1) -> list[dict[str, Any]]:
+    """Exchange 1, at a site: for every pair of raters (in ``grids`` order), the :func:`pair_table` of
+    their calls (score at or above the rater's threshold, on its reported grid cell) on the malignant and
+    on the benign cases. What leaves the site is exactly the returned list of
+    ``{"a", "b", "malignant": 2×2 counts or None, "benign": ...}``."""
+    pos, cells = _site_cells(y_true, scores_by_rater, grids, min_count)
+    calls = {r: _grid(name, r).values[cells[r]] >= thresholds[r] for r, name in grids.items()}
+    return [{"a": a, "b": b, **{what: _released(pair_table(calls[a][members], calls[b][members]), min_count)
+                                for what, members in (("malignant", pos), ("benign", ~pos))}}
+            for a, b in combinations(grids, 2)]
+
+
+def pool_counts(tables: Sequence[object | None], shape: tuple[int, ...], what: str) -> np.ndarray | None:
+    """At the center: the sites' count tables added up; None where any site withheld its table."""
+    total = np.zeros(shape, dtype=int)
+    for site, table in enumerate(tables):
+        if table is None:
+            return None
+        counts = np.asarray(table)
+        if counts.shape != shape or not np.array_equal(counts, np.round(counts)):
+            raise StatsInputError(f"site {site}: {what} is not a {'×'.join(map(str, shape))} table of counts")
+        total += counts.astype(int)
+    return total
+
+
+def pool_pair_tables(sites: Sequence[Sequence[Mapping[str, Any]]], a: str, b: str
+                     ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """At the center: the sites' tables of the pair (a, b) added up, on malignant and on benign cases;
+    None where any site withheld its table. A site that sent the pair as (b, a) has them transposed."""
+    entries = []
+    for site, tables in enumerate(sites):
+        entry = next((t for t in tables if {t["a"], t["b"]} == {a, b}), None)
+        if entry is None:
+            raise StatsInputError(f"site {site} sent no 2×2 tables for raters {a!r} and {b!r}")
+        entries.append(entry)
+
+    def oriented(entry: Mapping[str, Any], what: str) -> object | None:
+        table = entry[what]
+        return table if table is None or entry["a"] == a else np.asarray(table).T
+
+    malignant, benign = (pool_counts([oriented(e, what) for e in entries], (2, 2), f"{what} table of {a}/{b}")
+                         for what in ("malignant", "benign"))
+    return malignant, benign
+
+
+def site_confusion(reference: object, calls: object, categories: Sequence[float], *, min_count: int = 1
+                   ) -> np.ndarray | None:
+    """Exchange 1, at a site: the k×k counts of ``calls`` against a ``reference`` read on ordinal
+    ``categories`` (rows the reference), or None unless every cell holds 0 or at least ``min_count``."""
+    counts = confusion(np.asarray(reference, dtype=float), np.asarray(calls, dtype=float),
+                       np.asarray(categories, dtype=float))
+    return _released(counts, min_count)

@@ -1,7 +1,9 @@
 """The analysis as the study lays it out: JSON, Markdown and CSV tables and ROC figures, written atomically.
 
-Tables: per rater sensitivity / specificity / accuracy / AUC with 95% CIs; per comparison DeLong's Z and
-p (and kappa, McNemar in the CSV); first for all cases, then for each subgroup.
+Tables in the study's layout: 1, DeLong's Z and p of each comparison in every group; 2, each rater's
+sensitivity / specificity / accuracy / PPV / NPV / AUC with 95% CIs and McNemar's tests, all cases;
+3, Cohen's kappa of every pair in every group; 4, Table 2 and the comparisons in each subgroup; then the
+matched operating points and, where there is one, the model's BI-RADS head against the clinical read.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ def _pct(value: float | None, ci: list[float] | None) -> str:
 
 
 def _auc(value: float | None, ci: list[float] | None) -> str:
+    """An AUC or kappa with its CI, to 3 decimals (a kappa of −0.0004 is 0.000, not −0.000)."""
     if value is None:
         return "n/e"
-    return f"{value:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+    lo, hi = (round(x, 3) + 0.0 for x in ci) if ci else (None, None)
+    return f"{round(value, 3) + 0.0:.3f}" + (f" ({lo:.3f}–{hi:.3f})" if ci else "")
 
 
 def _p(p: float | None) -> str:
@@ -57,30 +61,173 @@ def _num(x: float | None, fmt: str) -> str:
     return "n/e" if x is None else format(x, fmt)
 
 
-def to_markdown(result: Mapping[str, Any]) -> str:
-    """Study-style tables; "n/e" marks a value that the group's cases cannot estimate (see the notes)."""
-    lines = ["# Reader-study statistics", ""]
+_PERFORMANCE = ("| Rater | Threshold | Sensitivity (95% CI) | Specificity (95% CI) | Accuracy (95% CI) "
+                "| PPV (95% CI) | NPV (95% CI) | AUC (95% CI) |")
+DEFINITIONS = ("Sensitivity is TP / (TP + FN); specificity TN / (TN + FP); accuracy "
+               "(TP + TN) / N, which the study's Table 2 gives as accuracy and its abstract calls "
+               "\"precision\"; PPV TP / (TP + FP), precision in its usual sense; NPV TN / (TN + FN). "
+               "Wilson 95% CIs; AUC with DeLong's 95% CI.")
+_MCNEMAR = ("sensitivity", "specificity", "accuracy")
+_MATCHED = ("sensitivity_at_specificity", "specificity_at_sensitivity")
+
+
+def _title(group: str) -> str:
+    """A group's row label in the study's layout: Total, Non-dense, Dense, Asymptomatic, Symptomatic."""
+    if group == ALL:
+        return "Total"
+    column, _, value = group.partition("=")
+    return value[:1].upper() + value[1:] if column in ("density", "symptoms") else f"{column.title()} {value}"
+
+
+def _focused(table: Mapping[str, Any], focus: str | None) -> list[Mapping[str, Any]]:
+    """The comparisons with the ``focus`` rater (all of them without one)."""
+    return [c for c in table["comparisons"] if focus is None or focus in (c["a"], c["b"])]
+
+
+def _other(c: Mapping[str, Any], focus: str | None) -> str:
+    return f"{c['a']} vs {c['b']}" if focus is None else (c["b"] if c["a"] == focus else c["a"])
+
+
+def _mcnemar(test: Mapping[str, Any] | None) -> str:
+    """χ² (continuity corrected) and P, or the exact binomial test's P with its discordant counts."""
+    if test is None:
+        return "n/e"
+    if test["method"] == "chi2":
+        return f"χ² {test['statistic']:.2f} (P {_p(test['p'])})"
+    return f"exact, b {test['b']} / c {test['c']} (P {_p(test['p'])})"
+
+
+def _kappa(c: Mapping[str, Any]) -> str:
+    return "n/e" if c["kappa"] is None else _auc(c["kappa"], c["kappa_ci"])
+
+
+def _performance(table: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """Each rater's row of Table 2 (and of each subgroup's table), and the notes on what is n/e."""
+    lines, notes = [_PERFORMANCE, "|---|---|---|---|---|---|---|---|"], []
+    for name, r in table["raters"].items():
+        cells = [_pct(r[m], r[f"{m}_ci"]) for m in ("sensitivity", "specificity", "accuracy", "ppv", "npv")]
+        cells.append(_auc(r["auc"], r["auc_ci"]))
+        lines.append(f"| {name} | ≥ {r['threshold_label']} | {' | '.join(cells)} |")
+        notes += [f"{name}: {r['note']}"] if "note" in r else []
+    return lines, notes
+
+
+def _comparisons(table: Mapping[str, Any], focus: str | None) -> tuple[list[str], list[str]]:
+    """A group's comparisons: AUCs, DeLong, McNemar's tests and kappa; and the notes on what is n/e."""
+    lines = ["| Comparison | AUC | DeLong Z | P | McNemar sensitivity | McNemar specificity "
+             "| McNemar accuracy | Kappa (95% CI) |", "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for c in _focused(table, focus):
+        lines.append(f"| {c['a']} vs {c['b']} | {_num(c['auc_a'], '.3f')} vs {_num(c['auc_b'], '.3f')} "
+                     f"| {_num(c['z'], '.3f')} | {_p(c['p'])} | "
+                     + " | ".join(_mcnemar(c["mcnemar"][m]) for m in _MCNEMAR) + f" | {_kappa(c)} |")
+        notes += [f"{c['a']} vs {c['b']}: {c['note']}"] if "note" in c else []
+    return lines, notes
+
+
+def _notes(notes: list[str]) -> list[str]:
+    return ["", *(f"- {n}" for n in notes)] if notes else []
+
+
+def _delong_grid(result: Mapping[str, Any], focus: str | None) -> list[str]:
+    """Table 1: DeLong's Z and P of each comparison (a column pair), in every group (a row)."""
+    columns = [_other(c, focus) for c in _focused(result, focus)]
+    lines = [f"## Table 1. DeLong's test of the AUCs{'' if focus is None else f' against {focus}'}", "",
+             f"Z > 0 where {'the first rater' if focus is None else focus}'s AUC is the larger.", "",
+             "| Group | " + " | ".join(f"{c} Z | P" for c in columns) + " |",
+             "|---|" + "---|---|" * len(columns)]
     for group, table in _groups(result):
-        title = "All cases" if group == ALL else group
-        lines += [f"## {title} (n = {table['n_cases']}: {table['n_pos']} malignant, {table['n_neg']} benign)",
-                  "", "| Rater | Threshold | Sensitivity (95% CI) | Specificity (95% CI) | Accuracy (95% CI) "
-                  "| AUC (95% CI) |", "|---|---|---|---|---|---|"]
-        notes = []
-        for name, r in table["raters"].items():
-            lines.append(f"| {name} | ≥ {r['threshold_label']} "
-                         f"| {_pct(r['sensitivity'], r['sensitivity_ci'])} "
-                         f"| {_pct(r['specificity'], r['specificity_ci'])} "
-                         f"| {_pct(r['accuracy'], r['accuracy_ci'])} | {_auc(r['auc'], r['auc_ci'])} |")
-            notes += [f"{name}: {r['note']}"] if "note" in r else []
-        if table["comparisons"]:
-            lines += ["", "| Comparison | AUC | DeLong Z | P | Kappa (95% CI) |", "|---|---|---|---|---|"]
-            for c in table["comparisons"]:
-                kappa = "n/e" if c["kappa"] is None else _auc(c["kappa"], c["kappa_ci"])
-                lines.append(f"| {c['a']} vs {c['b']} "
-                             f"| {_num(c['auc_a'], '.3f')} vs {_num(c['auc_b'], '.3f')} "
-                             f"| {_num(c['z'], '.3f')} | {_p(c['p'])} | {kappa} |")
-                notes += [f"{c['a']} vs {c['b']}: {c['note']}"] if "note" in c else []
-        lines += ["", *(f"- {n}" for n in notes), *([""] if notes else [])]
+        cells = []
+        for c in _focused(table, focus):
+            sign = -1 if focus is not None and c["b"] == focus else 1  # the focus rater first
+            cells += ["n/e" if c["z"] is None else f"{sign * c['z']:.3f}", _p(c["p"])]
+        lines.append(f"| {_title(group)} (n = {table['n_cases']}) | {' | '.join(cells)} |")
+    return lines
+
+
+def _agreement(result: Mapping[str, Any]) -> list[str]:
+    """Table 3: Cohen's kappa of every pair of raters' calls, in every group."""
+    groups = _groups(result)
+    lines = ["## Table 3. Agreement of the binary calls: Cohen's kappa (95% CI)", "",
+             "| Pair | " + " | ".join(_title(g) for g, _ in groups) + " |", "|---|" + "---|" * len(groups)]
+    for i, c in enumerate(result["comparisons"]):
+        lines.append(f"| {c['a']} vs {c['b']} | " + " | ".join(_kappa(t["comparisons"][i]) for _, t in groups)
+                     + " |")
+    return lines
+
+
+def _point(point: Mapping[str, Any]) -> str:
+    where = "no positive call" if point["threshold"] is None else f"≥ {point['threshold_label']}"
+    return f"{_pct(point['value'], point['ci'])} at {where} (reaching {100 * point['achieved']:.1f}%)"
+
+
+def _matched(result: Mapping[str, Any], focus: str | None) -> list[str]:
+    """Matched operating points, all cases: the first rater at the other's specificity and sensitivity."""
+    lines = ["## Matched operating points (all cases)", "",
+             "The first rater's sensitivity at the second's specificity (its lowest threshold that is at "
+             "least as specific) and its specificity at the second's sensitivity (its highest threshold that "
+             "is at least as sensitive), from each rater's own score distribution (the pooled histograms). "
+             "95% Wilson CIs on the counts at that threshold, conditional on it: the threshold is chosen on "
+             "the same cases, which the interval does not account for.", "",
+             "| Comparison | Specificity of the second | Sensitivity of the first there (95% CI) "
+             "| Sensitivity of the second | Specificity of the first there (95% CI) |",
+             "|---|---|---|---|---|"]
+    for c in _focused(result, focus):
+        m = c["matched"]
+        if m is None:
+            lines.append(f"| {c['a']} vs {c['b']} | n/e | n/e | n/e | n/e |")
+            continue
+        sens, spec = m["sensitivity_at_specificity"], m["specificity_at_sensitivity"]
+        lines.append(f"| {c['a']} vs {c['b']} | {100 * sens['target']:.1f}% | {_point(sens)} "
+                     f"| {100 * spec['target']:.1f}% | {_point(spec)} |")
+    return lines
+
+
+def _birads_head(result: Mapping[str, Any]) -> list[str]:
+    """An ordinal rater against a reference read: weighted kappa per group, confusion matrices."""
+    groups = [(g, t["birads_head"]) for g, t in _groups(result) if t.get("birads_head")]
+    if not groups:
+        return []
+    categories = [f"{c:g}" for c in groups[0][1]["categories"]]
+    lines = ["## The model's BI-RADS head against the clinical BI-RADS", "",
+             "Its most probable category against the clinical read (BI-RADS 2–5) on the cases that have one: "
+             "linearly weighted kappa (95% CI), and the confusion matrices (rows: clinical read; columns: "
+             "the head's call).", "", "| Group | n | Weighted kappa (95% CI) |", "|---|---|---|"]
+    notes = []
+    for group, head in groups:
+        kappa = _auc(head["kappa"], head["kappa_ci"])
+        lines.append(f"| {_title(group)} | {_num(head['n'], 'd')} | {kappa} |")
+        notes += [f"{_title(group)}: {head['note']}"] if "note" in head else []
+    header = "| Group | Clinical | " + " | ".join(f"Head {c}" for c in categories) + " |"
+    lines += [*_notes(notes), "", header, "|---|---|" + "---|" * len(categories)]
+    for group, head in groups:  # pooled and per site
+        if head["confusion"] is not None and not group.startswith(("density=", "symptoms=")):
+            lines += [f"| {_title(group)} | {c} | " + " | ".join(map(str, row)) + " |"
+                      for c, row in zip(categories, head["confusion"], strict=True)]
+    return lines
+
+
+def to_markdown(result: Mapping[str, Any], focus: str | None = None) -> str:
+    """The study's tables; ``focus`` (the model) limits Tables 1, 2 and 4's comparisons and the matched
+    operating points to those with that rater. "n/e" marks what the cases cannot estimate (see the notes)."""
+    performance, notes = _performance(result)
+    comparisons, comparison_notes = _comparisons(result, focus)
+    lines = ["# Reader-study statistics", "", *_delong_grid(result, focus), "",
+             f"## Table 2. Diagnostic performance, all cases (n = {result['n_cases']}: {result['n_pos']} "
+             f"malignant, {result['n_neg']} benign)", "", *performance, "", DEFINITIONS, "",
+             "McNemar's tests of the paired calls: χ² with continuity correction, or the exact binomial test "
+             "where fewer than 25 cases are discordant (b: only the first rater right; c: only the second).",
+             "", *comparisons, *_notes(notes + comparison_notes), "", *_agreement(result), "",
+             "## Table 4. By subgroup", ""]
+    for group, table in result["subgroups"].items():
+        performance, notes = _performance(table)
+        comparisons, comparison_notes = _comparisons(table, focus)
+        counts = f"n = {table['n_cases']}: {table['n_pos']} malignant, {table['n_neg']} benign"
+        lines += [f"### {group} ({counts})", "", *performance, "", *comparisons,
+                  *_notes(notes + comparison_notes), ""]
+    lines += [*_matched(result, focus), ""]
+    if head := _birads_head(result):
+        lines += [*head, ""]
     return "\n".join(lines)
 
 
@@ -113,18 +260,23 @@ def raters_csv(result: Mapping[str, Any]) -> str:
 
 
 def comparisons_csv(result: Mapping[str, Any]) -> str:
-    """One row per group and compared pair: DeLong, McNemar (sensitivity, specificity, accuracy), kappa."""
+    """One row per group and compared pair: DeLong; McNemar (sensitivity, specificity, accuracy: statistic,
+    p, method); kappa; a's sensitivity at b's specificity and specificity at b's sensitivity."""
     header = ["group", "a", "b", "auc_a", "auc_b", "z", "p"]
-    header += [f"mcnemar_{m}_p" for m in ("sensitivity", "specificity", "accuracy")]
-    header += ["kappa", "kappa_lo", "kappa_hi", "note"]
+    header += [f"mcnemar_{m}_{k}" for m in _MCNEMAR for k in ("statistic", "p", "method")]
+    header += ["kappa", "kappa_lo", "kappa_hi"]
+    header += [f"{m}_{k}" for m in _MATCHED for k in ("value", "lo", "hi", "threshold")]
     rows = []
     for group, table in _groups(result):
         for c in table["comparisons"]:
-            mcnemar = [None if c["mcnemar"][m] is None else c["mcnemar"][m]["p"]
-                       for m in ("sensitivity", "specificity", "accuracy")]
+            mcnemar = [None if c["mcnemar"][m] is None else c["mcnemar"][m][k]
+                       for m in _MCNEMAR for k in ("statistic", "p", "method")]
+            matched = [x for m in _MATCHED for x in ([None] * 4 if c["matched"] is None else
+                                                      [c["matched"][m]["value"], *c["matched"][m]["ci"],
+                                                       c["matched"][m]["threshold"]])]
             rows.append([group, c["a"], c["b"], c["auc_a"], c["auc_b"], c["z"], c["p"], *mcnemar,
-                         c["kappa"], *_ci(c["kappa_ci"]), c.get("note")])
-    return _csv(header, rows)
+                         c["kappa"], *_ci(c["kappa_ci"]), *matched, c.get("note")])
+    return _csv([*header, "note"], rows)
 
 
 def roc_png(truth: np.ndarray, raters: Mapping[str, RaterScores], table: Mapping[str, Any], title: str
