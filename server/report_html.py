@@ -23,7 +23,7 @@ from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
 from common.protocol import ALL
-from common.stats.report import roc_name
+from common.stats.report import roc_name, section_title
 
 NOT_ESTIMABLE = ("not estimable: the group's cases cannot estimate it (an AUC needs malignant and benign "
                  "cases, its 95% CI and DeLong's test at least 2 of each), or the federated evaluation does "
@@ -117,9 +117,9 @@ def _anchor(label: str, used: set[str]) -> str:
 def _body(markdown: str, report: Mapping[str, Any], files: Mapping[str, bytes], used: set[str]
           ) -> tuple[list[Token], list[tuple[int, str, str]]]:
     """report.md's tokens with an id on each heading, the legend before the first section, and each group's
-    ROC figure at the end of the section whose heading names the group ("All cases (n = …" or
-    "density=dense (n = …"); and the table of contents: (level, id, label) of each section."""
-    groups = {"All cases": ALL, **{group: group for group in report["evaluation"]["subgroups"]}}
+    ROC figure at the end of the section titled for it (`section_title`, then " (n = …"); and the table of
+    contents: (level, id, label) of each section."""
+    groups = {section_title(group): group for group in (ALL, *report["evaluation"]["subgroups"])}
     tokens = _MD.parse(markdown)
     body: list[Token] = []
     toc: list[tuple[int, str, str]] = []

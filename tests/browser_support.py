@@ -23,7 +23,7 @@ from typing import Any
 from websockets.sync.client import connect
 
 from common.protocol import ALL
-from common.stats.report import roc_name
+from common.stats.report import roc_name, section_title
 
 CHROMIUM = shutil.which("chromium")
 NO_CHROMIUM = "Debian's chromium is not installed (apt-get install chromium; tests/run.sh does it as root)"
@@ -190,7 +190,7 @@ def check_report_page(folder: Path) -> Loaded:
     tables = markdown_tables((folder / "report.md").read_text())
     assert tables and page.value["tables"][:len(tables)] == tables
     evaluation = json.loads((folder / "report.json").read_text())["evaluation"]
-    headings = {roc_name(group): f"{'All cases' if group == ALL else group} (n = "
+    headings = {roc_name(group): f"{section_title(group)} (n = "
                 for group in [ALL, *evaluation["subgroups"]]}
     headings["learning_curves.png"] = "Learning curves"
     pngs = {path.read_bytes(): path.name for path in folder.glob("*.png")}

@@ -30,6 +30,12 @@ def _groups(result: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     return [(ALL, result), *result["subgroups"].items()]
 
 
+def section_title(group: str) -> str:
+    """The heading of a group's section in report.md, before its counts (report.html puts the group's ROC
+    figure in the section so titled)."""
+    return "Table 2. Diagnostic performance, all cases" if group == ALL else group
+
+
 def roc_name(group: str) -> str:
     """The file name of a group's ROC figure: roc.png for all cases, roc_<group>.png for a subgroup."""
     return "roc.png" if group == ALL else "roc_" + re.sub(r"[^A-Za-z0-9._-]+", "_", group) + ".png"
@@ -213,7 +219,7 @@ def to_markdown(result: Mapping[str, Any], focus: str | None = None) -> str:
     performance, notes = _performance(result)
     comparisons, comparison_notes = _comparisons(result, focus)
     lines = ["# Reader-study statistics", "", *_delong_grid(result, focus), "",
-             f"## Table 2. Diagnostic performance, all cases (n = {result['n_cases']}: {result['n_pos']} "
+             f"## {section_title(ALL)} (n = {result['n_cases']}: {result['n_pos']} "
              f"malignant, {result['n_neg']} benign)", "", *performance, "", DEFINITIONS, "",
              "McNemar's tests of the paired calls: χ² with continuity correction, or the exact binomial test "
              "where fewer than 25 cases are discordant (b: only the first rater right; c: only the second).",
@@ -223,7 +229,7 @@ def to_markdown(result: Mapping[str, Any], focus: str | None = None) -> str:
         performance, notes = _performance(table)
         comparisons, comparison_notes = _comparisons(table, focus)
         counts = f"n = {table['n_cases']}: {table['n_pos']} malignant, {table['n_neg']} benign"
-        lines += [f"### {group} ({counts})", "", *performance, "", *comparisons,
+        lines += [f"### {section_title(group)} ({counts})", "", *performance, "", *comparisons,
                   *_notes(notes + comparison_notes), ""]
     lines += [*_matched(result, focus), ""]
     if head := _birads_head(result):
