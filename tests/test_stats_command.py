@@ -95,6 +95,9 @@ def test_full_study_json_matches_the_api(tmp_path):
               "| PPV (95% CI) | NPV (95% CI) | AUC (95% CI) |")
     assert header in markdown
     assert "## density=dense" in markdown and "| model vs senior |" in markdown
+    table1 = markdown.split("## Table 1.")[1].split("\n## ")[0]
+    groups = [line.split(" (n = ")[0].lstrip("| ") for line in table1.splitlines() if " (n = " in line]
+    assert groups == ["Total", "Non-dense", "Dense", "Asymptomatic", "Symptomatic"]  # the study's order
     with open(report / "raters.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 3 * 5  # all cases + 4 subgroups

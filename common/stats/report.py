@@ -26,8 +26,16 @@ from common.stats.scores import RaterScores
 ALL = "all"  # the group label of the whole case set in CSV rows and figure names
 
 
+STUDY_ROWS = ("density=non-dense", "density=dense", "symptoms=asymptomatic", "symptoms=symptomatic")
+"""The study's subgroup rows, in its order; other groups (sites, other columns) follow in theirs."""
+
+
 def _groups(result: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
-    return [(ALL, result), *result["subgroups"].items()]
+    """All cases, then the subgroups in the study's row order."""
+    def rank(group: str) -> int:
+        return STUDY_ROWS.index(group) if group in STUDY_ROWS else len(STUDY_ROWS)
+
+    return [(ALL, result), *sorted(result["subgroups"].items(), key=lambda item: rank(item[0]))]
 
 
 def section_title(group: str) -> str:
@@ -225,7 +233,7 @@ def to_markdown(result: Mapping[str, Any], focus: str | None = None) -> str:
              "where fewer than 25 cases are discordant (b: only the first rater right; c: only the second).",
              "", *comparisons, *_notes(notes + comparison_notes), "", *_agreement(result), "",
              "## Table 4. By subgroup", ""]
-    for group, table in result["subgroups"].items():
+    for group, table in _groups(result)[1:]:
         performance, notes = _performance(table)
         comparisons, comparison_notes = _comparisons(table, focus)
         counts = f"n = {table['n_cases']}: {table['n_pos']} malignant, {table['n_neg']} benign"
