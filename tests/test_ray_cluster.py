@@ -144,12 +144,16 @@ def client_app_runs(address: str) -> Counter[str]:
         ray.shutdown()
 
 
-def _processes_under(folder: Path) -> list[int]:
-    """Processes whose command line names `folder` (every Ray process of a node names its temp dir)."""
+def _left_over(sessions: set[int], folder: Path) -> list[int]:
+    """Processes of these sessions (each node's `ray start` leads its own), or naming `folder` in their
+    command line (a Ray process that left the session still names its node's temp folder)."""
     pids = []
     for proc in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            if proc.name.isdigit() and str(folder).encode() in (proc / "cmdline").read_bytes():
+        with contextlib.suppress(OSError, ValueError):
+            if not proc.name.isdigit():
+                continue
+            session = int((proc / "stat").read_text().rpartition(")")[2].split()[3])
+            if session in sessions or str(folder).encode() in (proc / "cmdline").read_bytes():
                 pids.append(int(proc.name))
     return pids
 
@@ -180,7 +184,7 @@ def test_a_six_site_simulation_runs_on_both_nodes_of_a_ray_cluster(tmp_path_fact
                                ray_address=address, cpus_per_site=1)
             runs = client_app_runs(address)
         assert head.returncode is not None and second.returncode is not None
-        wait_for(lambda: not _processes_under(temp), 30, "every process of both Ray nodes stopped")
+        wait_for(lambda: not _left_over({head.pid, second.pid}, temp), 30, "every Ray process stopped")
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     assert outcome.ok, (outcome.status, outcome.details, outcome.log.read_text()[-3000:])
