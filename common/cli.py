@@ -130,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-config", dest="run_config", action="append", metavar="KEY=VALUE",
                    help="override a [tool.flwr.app.config] value (repeatable)")
     p.add_argument("--timeout", type=float, default=86400.0, help="seconds before the run is abandoned")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="simulation on this Ray cluster's head (default: $RAY_ADDRESS; unset or 'local': "
+                        "a Ray instance of the simulation's own); docs/cluster.md")
+    p.add_argument("--cpus-per-site", type=int, metavar="N",
+                   help="simulation: CPUs Ray reserves for each virtual site (default 1)")
+    p.add_argument("--gpus-per-site", type=float, metavar="F",
+                   help="simulation: GPUs Ray reserves for each virtual site, a fraction shares one "
+                        "(0.5: two sites per GPU; default 0, no GPU)")
 
     p = sub.add_parser("superexec", help="a hospital's SuperExec: ClientApps start with PyTorch imported "
                                          "(beside `flower-supernode --isolation process`)")

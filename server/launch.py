@@ -154,21 +154,29 @@ def _wait_healthy(address: str, process: subprocess.Popen, log: Path, root_certi
 
 @contextlib.contextmanager
 def superlink(home: Path, *, port: int | None = None, simulation: bool = False, certs: Path | None = None,
-              database: Path | None = None, supernode_auth: bool = False) -> Iterator[str]:
+              database: Path | None = None, supernode_auth: bool = False, ray_address: str | None = None
+              ) -> Iterator[str]:
     """A running `flower-superlink` on 127.0.0.1; yields its address. `certs` is a folder written by
     `fedmammo certs` (TLS on), else insecure (simulation only). Its log is `home`/superlink.log. With
-    `supernode_auth` only SuperNodes whose public key was registered (`register_supernode`) may connect."""
+    `supernode_auth` only SuperNodes whose public key was registered (`register_supernode`) may connect.
+
+    A simulation SuperLink's engine runs on the Ray cluster at `ray_address` (HOST:PORT of its head), or
+    on a Ray instance of its own when None: RAY_ADDRESS reaches the simulation process, whose
+    `ray.init()` (flwr's RayBackend) takes no address. "local" is set explicitly, or Ray would attach to
+    the last `ray start` cluster of this machine."""
     with superlink_process(home, port=port, simulation=simulation, certs=certs, database=database,
-                           supernode_auth=supernode_auth) as started:
+                           supernode_auth=supernode_auth, ray_address=ray_address) as started:
         yield started[0]
 
 
 @contextlib.contextmanager
 def superlink_process(home: Path, *, port: int | None = None, simulation: bool = False,
-                      certs: Path | None = None, database: Path | None = None, supernode_auth: bool = False
-                      ) -> Iterator[tuple[str, subprocess.Popen]]:
+                      certs: Path | None = None, database: Path | None = None, supernode_auth: bool = False,
+                      ray_address: str | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """`superlink`, yielding its address and its process: the leader of the process group that holds the
     ServerApp too, for a supervisor (or a test) that must watch or kill the center."""
+    if ray_address is not None and not simulation:
+        raise LaunchError("a Ray cluster runs simulations only: ray_address needs simulation=True")
     address = f"127.0.0.1:{port or free_port()}"
     host, _, port_text = address.rpartition(":")
     command = [_executable("flower-superlink"), "--host", host, "--port", port_text,
@@ -185,7 +193,10 @@ def superlink_process(home: Path, *, port: int | None = None, simulation: bool =
     if supernode_auth:
         command.append("--enable-supernode-auth")
     log = home / "superlink.log"
-    with _process(command, flower_env(home), log) as process:
+    env = flower_env(home)
+    if simulation:
+        env["RAY_ADDRESS"] = ray_address or "local"
+    with _process(command, env, log) as process:
         _wait_healthy(address, process, log, None if certs is None else certs / "ca.crt")
         yield address, process
 
@@ -345,31 +356,125 @@ def _final_status(home: Path, connection: str, run_id: int, wait_s: float = 30.0
         time.sleep(0.5)
 
 
+_HOST_PORT = re.compile(r"^(?P<host>[^\s:/]+):(?P<port>\d+)$")
+_RAY_NODES = ("import json, ray; ray.init(logging_level='ERROR', log_to_driver=False); "
+              "print(json.dumps([node['Resources'] for node in ray.nodes() if node['Alive']]))")
+"""A Ray driver that prints each live node's resources (`ray.nodes()`) of the cluster at RAY_ADDRESS."""
+
+
+def check_site_resources(cpus_per_site: int, gpus_per_site: float) -> None:
+    """What a virtual site may ask Ray for: whole CPUs (Flower's simulation config holds an integer), and a
+    GPU fraction up to 1 or whole GPUs (Ray's rule for resource quantities)."""
+    if isinstance(cpus_per_site, bool) or not isinstance(cpus_per_site, int) or cpus_per_site < 1:
+        raise LaunchError(f"CPUs per site = {cpus_per_site!r}: give a whole number >= 1")
+    if not gpus_per_site >= 0 or (gpus_per_site > 1 and gpus_per_site != int(gpus_per_site)):
+        raise LaunchError(f"GPUs per site = {gpus_per_site!r}: give a fraction in [0, 1] (0.25: four sites "
+                          "share a GPU) or a whole number of GPUs")
+
+
+def sites_at_once(nodes: list[Mapping[str, float]], cpus_per_site: int, gpus_per_site: float) -> int:
+    """How many virtual sites run at once on Ray nodes of these resources: Flower's actor pool
+    (flwr `pool_size_from_resources`) holds, per node, as many sites as its CPUs and, for sites that ask
+    for a GPU, its GPUs hold; a node without a GPU holds no such site."""
+    total = 0
+    for node in nodes:
+        fit = int(node.get("CPU", 0) / cpus_per_site)
+        if gpus_per_site > 0:
+            fit = min(fit, int(node.get("GPU", 0) / gpus_per_site))
+        total += fit
+    return total
+
+
+def ray_cluster_nodes(address: str, timeout_s: float = 90.0) -> list[dict[str, float]]:
+    """The resources of each live node of the Ray cluster whose head is at `address` (HOST:PORT), read by
+    a Ray driver in a child process with RAY_ADDRESS set, as the simulation process will attach. A
+    connection test comes first and the driver is bounded: `ray.init` waits minutes for an absent head."""
+    match = _HOST_PORT.match(address)
+    if match is None:
+        raise LaunchError(f"Ray address {address!r}: give the head's HOST:PORT, as `ray start --head` prints "
+                          "it (its --port, 6379 by default)")
+    try:
+        socket.create_connection((match["host"], int(match["port"])), timeout=10).close()
+    except OSError as exc:
+        raise LaunchError(f"no Ray head answers at {address} ({exc}): is `ray start --head` running "
+                          "there, and is its port reachable from this machine?") from exc
+    env = {**os.environ, **OFFLINE_ENV, "RAY_ADDRESS": address}
+    try:
+        result = subprocess.run([sys.executable, "-c", _RAY_NODES], env=env, capture_output=True, text=True,
+                                timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"the Ray cluster at {address} did not accept a driver within {timeout_s:.0f} s"
+                          ) from None
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LaunchError(f"cannot attach to the Ray cluster at {address}: {reason}")
+    return json.loads(lines[-1])
+
+
+def _local_node(federation_config: Mapping[str, Any], gpus_per_site: float) -> dict[str, float]:
+    """The resources a simulation's own Ray instance gets: `init-args-num-*`, else this machine's (GPUs
+    counted only when a site asks for one: that costs importing torch)."""
+    gpus = federation_config.get("init-args-num-gpus")
+    if gpus is None and gpus_per_site > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    return {"CPU": federation_config.get("init-args-num-cpus") or os.cpu_count() or 1, "GPU": gpus or 0}
+
+
+def _describe(nodes: list[Mapping[str, float]]) -> str:
+    cpus, gpus = (sum(node.get(key, 0) for node in nodes) for key in ("CPU", "GPU"))
+    return f"{len(nodes)} node(s), {cpus:g} CPU(s), {gpus:g} GPU(s)"
+
+
 def simulate(data_root: Path, run_config: Mapping[str, Any], *, home: Path | None = None,
              timeout_s: float = 3600.0, echo: Callable[[str], None] | None = None,
-             cpus_per_site: int = 1, federation_config: Mapping[str, Any] | None = None) -> RunOutcome:
+             cpus_per_site: int = 1, gpus_per_site: float = 0.0, ray_address: str | None = None,
+             federation_config: Mapping[str, Any] | None = None) -> RunOutcome:
     """Run the federation in simulation, one virtual SuperNode per site folder of `data_root`
     (`client.app.site_folders`: virtual node i reads the i-th); `federation_config` adds to Flower's
     simulation settings (e.g. `init-args-num-cpus`: the CPUs Ray may hand out, the machine's by default).
+
+    The engine runs on the Ray cluster whose head is at `ray_address` (HOST:PORT), or on a Ray instance of
+    its own when None. Each virtual site's ClientApp asks Ray for `cpus_per_site` CPUs and `gpus_per_site`
+    of a GPU (a fraction shares one); when no node can hold one site, this fails before any process starts
+    (Flower's engine would fail or wait). On a cluster, `data_root` and the run's `out-dir` must be the same
+    shared folders on every node: any node may run any site's message (docs/cluster.md).
 
     `home` keeps the Flower state and logs (a temporary folder, removed afterwards, when None). Paths in
     `run_config` should be absolute: the ServerApp and ClientApps do not run in this directory.
     """
     _check_run_config(run_config, APP_DIR)  # before any process starts
+    check_site_resources(cpus_per_site, gpus_per_site)
     sites = site_folders(data_root)
     if not sites:
         raise LaunchError(f"{data_root}: no site folders (subfolders with a labels.csv)")
+    federation_config = {"num-supernodes": len(sites), "client-resources-num-cpus": cpus_per_site,
+                         "client-resources-num-gpus": gpus_per_site, **(federation_config or {})}
+    if ray_address is None:
+        nodes = [_local_node(federation_config, gpus_per_site)]
+    else:
+        local_only = sorted(key for key in federation_config if key.startswith("init-args-num-"))
+        if local_only:
+            raise LaunchError(f"{', '.join(local_only)} size a simulation's own Ray instance; a cluster's "
+                              "resources are those its nodes declared (`ray start --num-cpus/--num-gpus`)")
+        nodes = ray_cluster_nodes(ray_address)
+    at_once = sites_at_once(nodes, cpus_per_site, gpus_per_site)
+    where = f"the Ray cluster at {ray_address}" if ray_address else "this machine's Ray instance"
+    if at_once == 0:
+        raise LaunchError(f"{where} ({_describe(nodes)}) has no node that can run a site asking for "
+                          f"{cpus_per_site} CPU(s) and {gpus_per_site:g} GPU(s)")
+    if echo is not None and ray_address:
+        echo(f"{where}: {_describe(nodes)}; {min(at_once, len(sites))} of {len(sites)} sites at a time")
     with contextlib.ExitStack() as stack:
         if home is None:
             home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedmammo-flwr-")))
         home.mkdir(parents=True, exist_ok=True)
-        address = stack.enter_context(superlink(home, simulation=True))
+        address = stack.enter_context(superlink(home, simulation=True, ray_address=ray_address))
         write_connection(home, "fedmammo-simulation", address)
         run_config = {**run_config, "data-root": str(Path(data_root).resolve())}
-        return flwr_run(home, "fedmammo-simulation", run_config,
-                        federation_config={"num-supernodes": len(sites),
-                                           "client-resources-num-cpus": cpus_per_site,
-                                           **(federation_config or {})},
+        return flwr_run(home, "fedmammo-simulation", run_config, federation_config=federation_config,
                         timeout_s=timeout_s, echo=echo)
 
 
@@ -414,10 +519,16 @@ def report_outcome(outcome: RunOutcome, out: Path) -> int:
     return 0
 
 
+_SIMULATION_OPTIONS = {"ray_address": "--ray-address", "cpus_per_site": "--cpus-per-site",
+                       "gpus_per_site": "--gpus-per-site"}
+
+
 def run(args: argparse.Namespace) -> int:
     """`fedmammo federate [DATA_ROOT] [--connection NAME] [--config FILE] [--out DIR] [--rounds N]
-    [--resume] [--run-config KEY=VALUE]... [--timeout S]`: simulation over DATA_ROOT's site folders, or
-    with --connection a run on that deployed SuperLink (from FLWR_HOME's config.toml)."""
+    [--resume] [--run-config KEY=VALUE]... [--timeout S] [--ray-address HOST:PORT] [--cpus-per-site N]
+    [--gpus-per-site F]`: simulation over DATA_ROOT's site folders (on the Ray cluster of --ray-address or
+    RAY_ADDRESS when given), or with --connection a run on that deployed SuperLink (from FLWR_HOME's
+    config.toml)."""
     try:
         if bool(args.data_root) == bool(args.connection):
             raise LaunchError("give DATA_ROOT (a simulation over its site folders) or --connection NAME "
@@ -425,11 +536,18 @@ def run(args: argparse.Namespace) -> int:
         run_config = _run_config_from_args(args)
         out = Path(run_config["out-dir"])
         if args.connection:  # `out` is on the machine that runs the SuperLink's ServerApp
+            given = [option for key, option in _SIMULATION_OPTIONS.items() if getattr(args, key) is not None]
+            if given:
+                raise LaunchError(f"{', '.join(given)}: simulation only; a deployed site's resources are "
+                                  "its own machine's")
             home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
             outcome = flwr_run(home, args.connection, run_config, timeout_s=args.timeout, echo=_print)
         else:
+            ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"  # unset: own Ray
             outcome = simulate(Path(args.data_root), run_config, home=out / "flower", timeout_s=args.timeout,
-                               echo=_print)
+                               echo=_print, ray_address=None if ray_address == "local" else ray_address,
+                               cpus_per_site=1 if args.cpus_per_site is None else args.cpus_per_site,
+                               gpus_per_site=args.gpus_per_site or 0.0)
     except (LaunchError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -54,7 +54,8 @@ def test_node_config_syntax_and_unknown_run_config_keys(tmp_path):
 
 def test_federate_command_reports_bad_arguments_in_one_line(tmp_path, capsys):
     args = Namespace(data_root=None, connection=None, config=None, out=str(tmp_path / "out"), rounds=None,
-                     resume=False, run_config=[], timeout=60.0)
+                     resume=False, run_config=[], timeout=60.0, ray_address=None,
+                     cpus_per_site=None, gpus_per_site=None)
     assert federate(args) == 2
     assert "give DATA_ROOT" in capsys.readouterr().err
     assert federate(Namespace(**{**vars(args), "data_root": str(tmp_path), "run_config": ["rounds=2"]})) == 2
