@@ -261,7 +261,7 @@ class Geometry:
     placed: tuple[int, int, int, int]
     """Where the resized crop lies in the model input (`placement`); the rest is padding."""
 
-    def _scale(self) -> tuple[float, float]:
+    def scale(self) -> tuple[float, float]:
         """Stored pixels per model-input pixel, (rows, columns)."""
         (top, bottom, left, right), (ptop, pbottom, pleft, pright) = self.crop, self.placed
         return (bottom - top) / (pbottom - ptop), (right - left) / (pright - pleft)
@@ -272,7 +272,7 @@ class Geometry:
     def to_source(self, box: Box) -> Box:
         """A box of the model input (pixel edges, padding clipped off) in the stored image's pixels."""
         (ptop, pbottom, pleft, pright), (top, _, left, _) = self.placed, self.crop
-        rows, cols = self._scale()
+        rows, cols = self.scale()
         r0, r1 = (min(max(r, ptop), pbottom) for r in box[:2])
         c0, c1 = (min(max(c, pleft), pright) for c in box[2:])
         return (top + (r0 - ptop) * rows, top + (r1 - ptop) * rows,
@@ -281,7 +281,7 @@ class Geometry:
     def to_model(self, box: Box) -> Box:
         """A box of the stored image (pixel edges) in the model input's pixels: `to_source`'s inverse."""
         (ptop, _, pleft, _), (top, _, left, _) = self.placed, self.crop
-        rows, cols = self._scale()
+        rows, cols = self.scale()
         c0, c1 = self._mirror(*box[2:])
         return (ptop + (box[0] - top) / rows, ptop + (box[1] - top) / rows,
                 pleft + (c0 - left) / cols, pleft + (c1 - left) / cols)
