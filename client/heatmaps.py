@@ -5,13 +5,14 @@ salient region and its peak, in the view's DICOM file's stored pixel grid (rows 
 displays the file), and a PNG of the view as displayed (after its VOI) with the map blended in and the box
 drawn.
 
-Grad-CAM (Selvaraju et al. 2017) on the trunk's last feature map after its ReLU, the map that
-`DualViewDenseNet.view_features` pools: each channel weighted by the mean gradient of the logit over it.
-Since the heads are linear on the pooled features, this is exactly the class activation map (Zhou et al.
+Grad-CAM (Selvaraju et al. 2017) on the trunk's last feature map, the one `DualViewDenseNet.view_features`
+pools (the layer Grad-CAM is usually given for a DenseNet): each channel weighted by the mean gradient of
+the logit over it, summed, negative parts cut. No new dependency: a forward hook and `torch.autograd.grad`.
+As the heads are linear on the pooled features, the map is close to the class activation map (Zhou et al.
 2016), each location's share of the logit; in a bilateral model a contralateral view's share comes through
 the [ipsi − contra] features. The map is as coarse as that feature map (1/32 of the model's input: 2×1
-cells at the demo's 64×48 views, 8×6 at 256×192) and is upsampled bilinearly. Negative shares are cut (a
-view that only lowers the score has no map and no box).
+cells at the demo's 64×48 views, 8×6 at 256×192) and is upsampled bilinearly. A view that only lowers the
+score has an empty map, and no box.
 
 The map is taken back to the file's pixels through the view's `common.preprocess.Geometry` (flip, crop to
 the breast, resize), recorded by preprocessing the file again exactly as it was for the score. Everything
@@ -49,22 +50,15 @@ BOX_COLOUR = (0.0, 1.0, 0.0)
 def grad_cam(model: nn.Module, views: Tensor, layer: str = "features") -> Tensor:
     """Grad-CAM of the malignancy logit: views (B, V, H, W) → maps (B, V, H, W) ≥ 0, upsampled bilinearly.
 
-    `layer`: the module whose output is the feature map, `features` (the trunk's last map, taken after the
-    ReLU that `view_features` applies: ReLU is idempotent, so the scores do not change) or any of its
-    blocks (e.g. `features.denseblock3`: twice as fine, less specific to the head). In eval mode each
-    exam's logit depends on its own views only, so one backward pass serves the batch."""
+    `layer`: the module whose output is the feature map, `features` (the trunk's last map, its final
+    BatchNorm's output, which `view_features` passes through a ReLU and pools) or any block of it (e.g.
+    `features.denseblock3`: twice as fine, less specific to the heads). In eval mode each exam's logit
+    depends on its own views only, so one backward pass serves the batch."""
     module = model.get_submodule(layer)
-    last = module is model.get_submodule("features")
     maps: list[Tensor] = []
-
-    def keep(_module: nn.Module, _inputs: Any, output: Tensor) -> Tensor:
-        output = F.relu(output) if last else output
-        maps.append(output)
-        return output
-
     was_training = model.training
     model.eval()
-    handle = module.register_forward_hook(keep)
+    handle = module.register_forward_hook(lambda _module, _inputs, output: maps.append(output))
     try:
         with torch.enable_grad():
             logits = model(views.float().detach().requires_grad_())["malignancy"]
