@@ -18,7 +18,7 @@ map is empty (the view only lowers the score): no box, counted as misses, chance
 area over the breast's (0 without a box).
 
     PYTHONPATH=. python bench/bench_localisation.py [--sizes 64x48,128x96] \
-        [--layers features,features.denseblock3] [--out DIR]
+        [--layers features,features.denseblock3] [--epochs N] [--threads N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -151,7 +151,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="64x48,128x96", help="view sizes HxW (default 64x48,128x96)")
     parser.add_argument("--layers", default="features,features.denseblock3",
                         help="Grad-CAM layers (default: the trunk's last map, and denseblock3's)")
-    parser.add_argument("--out", help="working folder (default: a temporary one)")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: the demo's, 8)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: the demo's, one per core; 1 on "
+                                                    "a machine shared with other jobs)")
+    parser.add_argument("--out", help="working folder (default: a temporary one; an existing one's cohort "
+                                      "and trained runs are reused)")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-localisation-"))
     cohort = out / "cohort"
@@ -166,8 +170,12 @@ def main() -> None:
         run = out / f"run-{size}"
         config = run / "config.toml"
         run.mkdir(parents=True, exist_ok=True)
-        config.write_text(re.sub(r"image_size = \[\d+, \d+\]", f"image_size = [{height}, {width}]",
-                                 DEMO.read_text()))
+        text = re.sub(r"image_size = \[\d+, \d+\]", f"image_size = [{height}, {width}]", DEMO.read_text())
+        if args.epochs:
+            text = re.sub(r"\nepochs = \d+", f"\nepochs = {args.epochs}", text)
+        if args.threads:
+            text = text.replace("\n[train]\n", f"\n[train]\nnum_threads = {args.threads}\n")
+        config.write_text(text)
         start = time.perf_counter()
         if not (run / "best.safetensors").is_file():
             _fedmammo("train", *(str(p) for p in sorted(cohort.iterdir()) if p.is_dir()), "--config",
