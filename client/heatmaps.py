@@ -73,11 +73,16 @@ def grad_cam(model: nn.Module, views: Tensor, layer: str = "features") -> Tensor
 
 def salient(cam: np.ndarray) -> tuple[Box, tuple[float, float]] | None:
     """The box (pixel edges) of the map's connected region at or above `THRESHOLD` of its peak that holds
-    the peak, and the peak's centre (row, column, in edge coordinates); None for an empty map."""
-    peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
-    if not cam[peak] > 0:
+    the peak, and the peak's centre (row, column, in edge coordinates); None for an empty map. Where the
+    maximum is a plateau (a map one cell wide is constant across the view), the peak is its pixel nearest
+    the plateau's centroid, not its first pixel (which would be the chest wall's)."""
+    top = float(cam.max())
+    if not top > 0:
         return None
-    regions, _ = ndimage.label(cam >= THRESHOLD * cam[peak])
+    rows, cols = np.nonzero(cam >= top * (1 - 1e-6))
+    nearest = int(np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2))
+    peak = rows[nearest], cols[nearest]
+    regions, _ = ndimage.label(cam >= THRESHOLD * top)
     rows, cols = np.nonzero(regions == regions[peak])
     return ((float(rows.min()), float(rows.max() + 1), float(cols.min()), float(cols.max() + 1)),
             (peak[0] + 0.5, peak[1] + 0.5))
