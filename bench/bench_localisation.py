@@ -15,7 +15,9 @@ Each with its Wilson 95% CI (views of one exam are not independent: the CIs are 
 chance: a box of the same size centred, and a peak put, on a breast pixel drawn uniformly (the exact
 expectation over every breast pixel of the model's input, mapped to the file's pixels). `no map`: views whose
 map is empty (the view only lowers the score): no box, counted as misses, chance 0. `box/breast`: the box's
-area over the breast's (0 without a box).
+area over the breast's (0 without a box). `view's peak / exam's`: the lesion view's map peak over the
+highest of the exam's views (1: this view drives the score; bilateral models also look at the other
+breast's views).
 
     PYTHONPATH=. python bench/bench_localisation.py [--sizes 64x48,128x96] \
         [--layers features,features.denseblock3] [--epochs N] [--threads N] [--out DIR]
@@ -122,7 +124,8 @@ def measure(cohort: Path, run: Path, layers: list[str]) -> dict[str, dict]:
                         share = height * width / (len(rows) * row_scale * col_scale)
                     kind = "malignant" if lesion["malignant"] else "benign"
                     results[layer][kind].append({"hit": hit.tolist(), "chance": chance.tolist(),
-                                                 "box_share": share})
+                                                 "box_share": share,
+                                                 "relative_peak": record["relative_peak"]})
     return {"auc": auc.to_dict(), "layers": results}
 
 
@@ -142,7 +145,8 @@ def table(size: str, measured: dict) -> list[str]:
             cells = [c for k in range(3) for c in cell(list(hits[:, k]), list(chance[:, k]))]
             empty = sum(r["box_share"] == 0 for r in rows)
             lines.append(f"| {size} | {auc} | {layer} | {kind} | {len(rows)} | {empty} | " + " | ".join(cells)
-                         + f" | {np.mean([r['box_share'] for r in rows]):.2f} |")
+                         + f" | {np.mean([r['box_share'] for r in rows]):.2f}"
+                         + f" | {np.mean([r['relative_peak'] for r in rows]):.2f} |")
     return lines
 
 
@@ -162,8 +166,9 @@ def main() -> None:
     if not (cohort / "lesions.csv").is_file():
         _fedmammo("synth", str(cohort), "--config", str(DEMO))
     header = ["| view size | test AUC | Grad-CAM layer | class | views | no map | box ∋ centre [95% CI] "
-              "| chance | box ∩ lesion [95% CI] | chance | peak in lesion [95% CI] | chance | box/breast |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| chance | box ∩ lesion [95% CI] | chance | peak in lesion [95% CI] | chance | box/breast "
+              "| view's peak / exam's |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines = []
     for size in args.sizes.split(","):
         height, width = (int(x) for x in size.split("x"))
