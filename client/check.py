@@ -21,6 +21,7 @@ import json
 import re
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,27 +139,34 @@ def safe_name(exam_id: str) -> str:
     return "_" + name[1:] if name.startswith(".") else name
 
 
+def file_names(exam_ids: Sequence[str]) -> list[str]:
+    """Each exam's file-name stem, `safe_name(exam_id)`; two exams whose safe names collide are told apart
+    by a hash of the exam id (`<name>-<8 hex digits>`)."""
+    names: list[str] = []
+    for exam_id in exam_ids:
+        name = safe_name(exam_id)
+        names.append(f"{name}-{hashlib.sha256(exam_id.encode()).hexdigest()[:8]}" if name in names else name)
+    return names
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    """An 8-bit PNG of `pixels` (greyscale (H, W) or RGB (H, W, 3), values in [0, 1]), written atomically."""
+    from PIL import Image  # matplotlib's dependency; only the commands that write PNGs need it
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    write_atomic(path, buffer.getvalue(), durable=False)
+
+
 def write_views(site: PreparedSite, out: Path) -> dict[str, list[str]]:
     """Each usable exam's model input as 8-bit greyscale PNGs in `out` (created), one per view,
-    `<exam_id>_<VIEW>.png` with `safe_name(exam_id)`; two exams whose safe names collide are told apart by
-    a hash of the exam id (`<name>-<8 hex digits>`). Returns exam id → its file names."""
-    from PIL import Image  # matplotlib's dependency; only --views needs it
-
+    `<name>_<VIEW>.png` (`file_names`). Returns exam id → its file names."""
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, list[str]] = {}
-    used: set[str] = set()
-    for index, exam_id in enumerate(site.exam_ids):
-        views = site.read(index)
-        name = safe_name(exam_id)
-        if name in used:
-            name = f"{name}-{hashlib.sha256(exam_id.encode()).hexdigest()[:8]}"
-        used.add(name)
+    for index, (exam_id, name) in enumerate(zip(site.exam_ids, file_names(site.exam_ids), strict=True)):
         files[exam_id] = []
-        for view, pixels in zip(VIEW_NAMES, views, strict=False):
-            grey = np.round(np.clip(pixels.astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
-            buffer = io.BytesIO()
-            Image.fromarray(grey).save(buffer, format="PNG")
-            write_atomic(out / f"{name}_{view}.png", buffer.getvalue(), durable=False)
+        for view, pixels in zip(VIEW_NAMES, site.read(index), strict=False):
+            write_png(out / f"{name}_{view}.png", pixels.astype(np.float32))
             files[exam_id].append(f"{name}_{view}.png")
     return files
 

@@ -7,6 +7,10 @@ Every breast with a CC and an MLO view is scored: malignancy 0–100 and BI-RADS
 probabilities. What cannot be scored (an incomplete breast, a file that is not a mammogram) is listed with
 its reason. A breast scores the same wherever its files lie: each view is preprocessed on its own and the
 model runs in eval mode.
+
+`--heatmaps DIR` also shows where the model looks (`client.heatmaps`): per view, a PNG of the view as
+displayed with its Grad-CAM map and the box of its most salient region, and in the JSON each view's box and
+peak in its DICOM file's pixels.
 """
 
 from __future__ import annotations
@@ -103,6 +107,17 @@ def run(args: argparse.Namespace) -> int:
 
     predictions = predict(model, data, config, runtime)
     records = rows(site, predictions)
+    if args.heatmaps:
+        from client.heatmaps import heatmaps
+
+        try:
+            for record, views in zip(records, heatmaps(model, site, config, runtime, Path(args.heatmaps)),
+                                     strict=True):
+                record["views"] = views
+        except (ValueError, OSError) as exc:
+            print(f"error: heatmaps: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {len(records)} exams' heatmaps to {args.heatmaps}")
     width = max(len("exam"), *(len(r["exam_id"]) for r in records))
     print(f"{'exam':<{width}}  score  BI-RADS  pathology")
     for r in records:

@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -72,6 +73,13 @@ ViewFiles = tuple[Path, ...]
 """An exam's views, one cached `.npy` each, in model order (`client.check.VIEW_NAMES`)."""
 
 
+class Source(NamedTuple):
+    """The file a view was decoded from, and what the site's manifest says of it (how it was read)."""
+
+    path: Path
+    listed: Listed | None = None
+
+
 @dataclass
 class PreparedSite:
     name: str
@@ -91,12 +99,16 @@ class PreparedSite:
     scratch: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False, compare=False)
     """The temporary folder holding the view files when no cache folder was given (removed with the last
     object that refers to it)."""
+    sources: list[tuple[Source, ...]] = field(default_factory=list)
+    """Each exam's DICOM files, in the order of `views` (`client.heatmaps` reads them again); empty for a
+    site built from arrays."""
 
     def split(self, name: str) -> PreparedSite:
         """The exams of one split ('train', 'val', 'test'; 'all' keeps every exam)."""
         keep = [i for i, label in enumerate(self.labels) if name == "all" or label.split == name]
         return replace(self, exam_ids=[self.exam_ids[i] for i in keep], views=[self.views[i] for i in keep],
-                       labels=[self.labels[i] for i in keep])
+                       labels=[self.labels[i] for i in keep],
+                       sources=[self.sources[i] for i in keep] if self.sources else [])
 
     def read(self, index: int) -> np.ndarray:
         """Exam `index`'s views, (V, H, W) float16."""
@@ -351,13 +363,15 @@ class _Cache:
         try:
             meta = json.loads(self._site_file(root, key).read_text())
             views = [tuple(self.folder / name for name in exam) for exam in meta["views"]]
+            sources = [tuple(Source(Path(path), listed and Listed(**listed)) for path, listed in exam)
+                       for exam in meta["sources"]]
         except Exception:  # none, or a damaged entry: prepare the site again
             return None
         if not all(self._valid(file) for exam in views for file in exam):
             return None
         return PreparedSite(meta["name"], meta["exam_ids"], views, [ExamLabel(**x) for x in meta["labels"]],
                             [Rejection(*x) for x in meta["rejections"]], meta["counts"], meta["warnings"],
-                            meta["labelled"], self.scratch)
+                            meta["labelled"], self.scratch, sources)
 
     def store_site(self, root: Path, key: str, site: PreparedSite) -> None:
         """Keep `site` under `key`, replacing what was kept for the same folder's earlier contents."""
@@ -366,7 +380,9 @@ class _Cache:
         meta = {"name": site.name, "exam_ids": site.exam_ids, "labels": [asdict(x) for x in site.labels],
                 "views": [[file.name for file in exam] for exam in site.views],
                 "rejections": [(r.source, r.reason) for r in site.rejections], "counts": site.counts,
-                "warnings": site.warnings, "labelled": site.labelled}
+                "warnings": site.warnings, "labelled": site.labelled,
+                "sources": [[(str(path.resolve()), listed and asdict(listed)) for path, listed in exam]
+                            for exam in site.sources]}
         file = self._site_file(root, key)
         write_atomic(file, json.dumps(meta))
         for old in file.parent.glob(file.name.rsplit("-", 1)[0] + "-*.json"):
@@ -473,8 +489,9 @@ def _prepare(name: str, files: Sequence[Path], labels: dict[str, ExamLabel] | No
               "views_acquired": sum(p not in generated for p in used),
               "views_generated": sum(p in generated for p in used)}
     warnings = patient_mismatches(usable, {h.path: h.patient_id for h in resolved}) if labels else []
+    sources = [tuple(Source(path, entry(listed, path)) for path in exam.paths) for exam in usable]
     return PreparedSite(name, [e.exam_id for e in usable], views, [e.label for e in usable], rejections,
-                        counts, warnings, labels is not None, cache.scratch)
+                        counts, warnings, labels is not None, cache.scratch, sources)
 
 
 def patient_mismatches(exams: Sequence[Exam], patient_of: Mapping[Path, str]) -> list[str]:

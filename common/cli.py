@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a labelled site's split to score (default: test; without labels.csv: all)")
     p.add_argument("--json", help="write per-exam predictions as JSON here")
     p.add_argument("--csv", help="write per-exam predictions as CSV here")
+    p.add_argument("--heatmaps", metavar="DIR",
+                   help="also show where the model looks: per view, DIR/<exam_id>_<VIEW>.png, the view as "
+                        "displayed with its Grad-CAM heatmap and the box of its most salient region; the "
+                        "JSON gets each view's box and peak in its DICOM file's pixels")
 
     p = sub.add_parser("stats", help="reader-study statistics of a case table (AUC, DeLong, subgroups)")
     p.add_argument("cases", help="CSV with one row per case")

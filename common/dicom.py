@@ -154,6 +154,8 @@ class View(Header):
     denser, chest wall at column 0, at the file's full resolution and precision."""
 
     pixels: np.ndarray = dataclasses.field(kw_only=True)
+    flipped: bool = dataclasses.field(default=False, kw_only=True)
+    """Whether `pixels` are the stored image mirrored left–right (chest wall on the right as stored)."""
 
 
 def _dcmread(path: Path, header_only: bool) -> Dataset:
@@ -483,4 +485,4 @@ def _read_view(path: Path, listed: Listed | None) -> View:
     if flip:
         pixels = np.ascontiguousarray(pixels[:, ::-1])
     fields = {**vars(header), "laterality": laterality}
-    return View(**fields, pixels=pixels)
+    return View(**fields, pixels=pixels, flipped=flip)

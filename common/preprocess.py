@@ -22,6 +22,7 @@ a marker inside the box does not survive (`crop_to_breast`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -200,16 +201,22 @@ def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out[0, 0].numpy()
 
 
+def placement(shape: tuple[int, ...], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the model input's pixels that `fit` fills with an image of `shape`:
+    resized with its aspect ratio kept to fit inside `size`, left-aligned, centred vertically."""
+    height, width = size
+    scale = min(height / shape[0], width / shape[1])
+    rows, cols = min(height, max(1, round(shape[0] * scale))), min(width, max(1, round(shape[1] * scale)))
+    top = (height - rows) // 2
+    return top, top + rows, 0, cols
+
+
 def fit(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize with the aspect ratio kept to fit inside `size`, then pad with 0 (background) to `size`:
-    left-aligned, so the chest wall stays at column 0, and centred vertically."""
-    height, width = size
-    scale = min(height / pixels.shape[0], width / pixels.shape[1])
-    inner = (min(height, max(1, round(pixels.shape[0] * scale))),
-             min(width, max(1, round(pixels.shape[1] * scale))))
+    left-aligned, so the chest wall stays at column 0, and centred vertically (`placement`)."""
+    top, bottom, left, right = placement(pixels.shape, size)
     out = np.zeros(size, dtype=np.float32)
-    top = (height - inner[0]) // 2
-    out[top:top + inner[0], :inner[1]] = resize(pixels, inner)
+    out[top:bottom, left:right] = resize(pixels, (bottom - top, right - left))
     return out
 
 
@@ -235,11 +242,66 @@ def harmonize(pixels: np.ndarray, breast: np.ndarray) -> np.ndarray:
     return np.interp(pixels, source, target).astype(np.float32)
 
 
-def preprocess_view(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A canonically oriented view (`common.dicom.View.pixels`) as model input: float32 (H, W) in [0, 1].
+Box = tuple[float, float, float, float]
+"""(top, bottom, left, right) of a region, as pixel edges: rows top ≤ r < bottom, columns left ≤ c < right."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a model input's pixels lie in its DICOM file's stored pixel grid (Rows × Columns, as a viewer
+    displays them): what `preprocess` did to the view, recorded so that a region of the model input maps
+    back exactly. The steps, in order: mirrored left–right when `flipped` (`common.dicom.read_view`'s
+    canonical orientation), cropped to `crop`, resized to fit `placed` of the model input."""
+
+    shape: tuple[int, int]
+    """(rows, columns) of the stored image."""
+    flipped: bool
+    crop: tuple[int, int, int, int]
+    """The breast's crop box in the canonically oriented image (`crop_box`; the whole image without one)."""
+    placed: tuple[int, int, int, int]
+    """Where the resized crop lies in the model input (`placement`); the rest is padding."""
+
+    def scale(self) -> tuple[float, float]:
+        """Stored pixels per model-input pixel, (rows, columns)."""
+        (top, bottom, left, right), (ptop, pbottom, pleft, pright) = self.crop, self.placed
+        return (bottom - top) / (pbottom - ptop), (right - left) / (pright - pleft)
+
+    def _mirror(self, left: float, right: float) -> tuple[float, float]:
+        return (self.shape[1] - right, self.shape[1] - left) if self.flipped else (left, right)
+
+    def to_source(self, box: Box) -> Box:
+        """A box of the model input (pixel edges, padding clipped off) in the stored image's pixels."""
+        (ptop, pbottom, pleft, pright), (top, _, left, _) = self.placed, self.crop
+        rows, cols = self.scale()
+        r0, r1 = (min(max(r, ptop), pbottom) for r in box[:2])
+        c0, c1 = (min(max(c, pleft), pright) for c in box[2:])
+        return (top + (r0 - ptop) * rows, top + (r1 - ptop) * rows,
+                *self._mirror(left + (c0 - pleft) * cols, left + (c1 - pleft) * cols))
+
+    def to_model(self, box: Box) -> Box:
+        """A box of the stored image (pixel edges) in the model input's pixels: `to_source`'s inverse."""
+        (ptop, _, pleft, _), (top, _, left, _) = self.placed, self.crop
+        rows, cols = self.scale()
+        c0, c1 = self._mirror(*box[2:])
+        return (ptop + (box[0] - top) / rows, ptop + (box[1] - top) / rows,
+                pleft + (c0 - left) / cols, pleft + (c1 - left) / cols)
+
+
+def preprocess(pixels: np.ndarray, size: tuple[int, int],
+               flipped: bool = False) -> tuple[np.ndarray, Geometry]:
+    """A canonically oriented view (`common.dicom.View.pixels`; `flipped`: `View.flipped`) as model input,
+    float32 (H, W) in [0, 1], and the `Geometry` that maps the input back onto the stored pixels.
 
     Harmonised after the resize: the same mapping, applied to ~100× fewer pixels.
     """
     mask, stride, inside = locate_breast(pixels)
     breast = np.asarray(pixels[::stride, ::stride])[mask]
-    return np.clip(harmonize(fit(crop_to_breast(pixels, mask, stride, inside), size), breast), 0.0, 1.0)
+    cropped = crop_to_breast(pixels, mask, stride, inside)
+    crop = crop_box(pixels.shape, mask, stride, inside) or (0, pixels.shape[0], 0, pixels.shape[1])
+    geometry = Geometry(pixels.shape, flipped, tuple(map(int, crop)), placement(cropped.shape, size))
+    return np.clip(harmonize(fit(cropped, size), breast), 0.0, 1.0), geometry
+
+
+def preprocess_view(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`preprocess`'s model input alone."""
+    return preprocess(pixels, size)[0]

@@ -50,7 +50,8 @@ def _dicoms(cohort: Path, site: str) -> list[Path]:
 
 def test_layout_labels_and_summary(cohort: Path) -> None:
     sites = plan(SPEC)
-    assert sorted(p.name for p in cohort.iterdir()) == sorted([*(s.name for s in sites), "cohort.json"])
+    assert sorted(p.name for p in cohort.iterdir()) == sorted([*(s.name for s in sites), "cohort.json",
+                                                               "lesions.csv"])
     assert [s.name for s in sites] == [f"site{i + 1}_{p.key}" for i, p in enumerate(PROFILES)]
     summary = json.loads((cohort / "cohort.json").read_text())
     for site, described in zip(sites, summary["sites"], strict=True):
@@ -176,8 +177,8 @@ def test_same_seed_same_bytes_any_worker_count(cohort: Path, tmp_path: Path) -> 
     two_sites = dataclasses.replace(SPEC, train=(2, 2), val=(1, 1), test=(1, 1))
     generate(two_sites, tmp_path, workers=2, progress=False)
     again = _files(tmp_path)
-    assert len(again) == 2 * (16 + 1) + 1
-    assert {k: v for k, v in again.items() if k != "cohort.json"} == {
+    assert len(again) == 2 * (16 + 1) + 2
+    assert {k: v for k, v in again.items() if k not in ("cohort.json", "lesions.csv")} == {
         k: v for k, v in _files(cohort).items() if k.startswith(("site1_", "site2_"))}
 
 

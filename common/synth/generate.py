@@ -1,5 +1,6 @@
 """Write a synthetic multi-site cohort: per site `<site>/labels.csv` and
-`<site>/<PatientID>/<StudyUID>/<SOPUID>.dcm` (four views per study), and `cohort.json` describing it.
+`<site>/<PatientID>/<StudyUID>/<SOPUID>.dcm` (four views per study), `cohort.json` describing it, and
+`lesions.csv`, where each lesion lies in its views' stored pixels (the truth for localisation).
 
 Everything is drawn from the seed: the cohort plan from a stream per site, each study's anatomy and pixels
 from a stream per patient, UIDs from hashes of (seed, site, patient, image). The same seed therefore writes
@@ -33,6 +34,7 @@ from common.synth.phantom import (
     IDEAL_AUC,
     Breast,
     Lesion,
+    ViewGeometry,
     render_view,
     sample_breast,
     sample_lesion,
@@ -153,6 +155,44 @@ def write_study(case: Case, profile: VendorProfile, site_dir: Path, scale: float
         write_atomic(image_path(site_dir, seed, case, laterality, view), to_bytes(dataset), durable=False)
 
 
+LESION_COLUMNS = ("site", "patient_id", "study_uid", "laterality", "view", "file", "split", "malignant",
+                  "row", "col", "radius")
+"""`lesions.csv`: one row per view of a labelled breast (the one with the lesion). `file`: the view's DICOM
+file, relative to the cohort folder; `row`, `col`: the lesion's centre in the file's stored pixel grid, as
+a viewer displays it (pixel indices, (0, 0) the top-left pixel's centre; fractional); `radius`: the
+lesion's core radius in pixels (its margin blurs and its spicules reach further)."""
+
+
+def lesion_rows(case: Case, profile: VendorProfile, site_name: str, scale: float, seed: int,
+                conspicuity: float) -> list[dict[str, object]]:
+    """`lesions.csv`'s rows of one patient: where `write_study` draws the lesion in each view, from the
+    same anatomy (nothing is rendered, and the images do not change)."""
+    _, breast, lesion, _ = anatomy(case, seed, conspicuity)
+    shape, spacing = profile.shape(scale), profile.spacing(scale)
+    rows = []
+    for view in ("CC", "MLO"):
+        row, col = ViewGeometry(breast, view, shape, spacing).to_pixel(lesion)
+        if case.laterality == "R":  # stored mirrored, as `write_study` writes it
+            col = shape[1] - 1 - col
+        file = image_path(Path(site_name), seed, case, case.laterality, view)
+        rows.append({"site": site_name, "patient_id": case.patient_id, "study_uid": study_uid(seed, case),
+                     "laterality": case.laterality, "view": view, "file": file.as_posix(),
+                     "split": case.split, "malignant": int(case.malignant), "row": round(row, 2),
+                     "col": round(col, 2), "radius": round(lesion.radius / spacing, 2)})
+    return rows
+
+
+def lesions_csv(spec: CohortSpec, sites: list[Site]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, LESION_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for site in sites:
+        for case in site.cases:
+            writer.writerows(lesion_rows(case, site.profile, site.name, spec.scale, spec.seed,
+                                         spec.conspicuity))
+    return buffer.getvalue().encode()
+
+
 def _write_study_task(args: tuple) -> None:
     write_study(*args)
 
@@ -227,6 +267,7 @@ def generate(spec: CohortSpec, out: Path, workers: int = 0, progress: bool = Tru
                     bar.update()
     for site in sites:
         write_atomic(out / site.name / "labels.csv", labels_csv(site.cases, spec.seed, spec.readers))
+    write_atomic(out / "lesions.csv", lesions_csv(spec, sites))
     summary = describe(spec, sites)
     write_atomic(out / "cohort.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
