@@ -11,6 +11,7 @@ import pytest
 from common.cli import main
 from common.stats import RaterScores, ScoreKind, analyze, auc_ci, binary_metrics, delong_test
 from common.stats.command import run
+from common.stats.report import to_markdown
 
 HEADER = ["case", "pathology", "model", "senior", "junior", "density", "symptoms"]
 
@@ -236,3 +237,17 @@ def test_analysis_degrades_gracefully_with_one_positive_and_unanimous_readers():
     assert (unanimous["a"], unanimous["kappa"], unanimous["z"]) == ("reader", None, None)
     assert "kappa not estimable" in unanimous["note"]
     json.dumps(result, allow_nan=False)  # JSON-ready: no NaN anywhere
+
+
+def test_an_infinite_delong_z_is_null_with_its_note_and_p_zero(tmp_path):
+    """A rater ranking every pair right against one ranking every pair wrong: the difference of the AUCs
+    (1 and 0) has zero variance, Z is infinite — null in JSON, ±∞ in report.md, p = 0."""
+    truth = np.array([True, True, False, False, False])
+    raters = {"model": RaterScores(np.array([90.0, 80, 10, 20, 30]), ScoreKind.PERCENT, 50.0),
+              "inverse": RaterScores(np.array([10.0, 20, 90, 80, 70]), ScoreKind.PERCENT, 50.0)}
+    result = analyze(truth, raters)
+    (comparison,) = result["comparisons"]
+    assert [comparison[key] for key in ("auc_a", "auc_b", "z", "p")] == [1.0, 0.0, None, 0.0]
+    assert "infinite" in comparison["note"]
+    json.dumps(result, allow_nan=False)
+    assert "| Total (n = 5) | −∞ | <0.001 |" in to_markdown(result, focus="inverse")

@@ -79,6 +79,8 @@ def _rater_entry(truth: np.ndarray, rater: RaterScores, auc: float, var: float, 
 
 
 NO_DELONG = "not estimable: DeLong's test needs at least 2 positive and 2 negative cases"
+INFINITE_Z = ("DeLong's Z is infinite (p = 0): the AUCs differ and their difference has no variance (e.g. "
+              "one rater ranks every pair of cases right, the other every pair wrong)")
 _SUPPRESSED = "not estimable: a site's counts of the pair's calls on {} exams were suppressed (min_count)"
 
 
@@ -151,9 +153,10 @@ def compare(truth: np.ndarray, raters: Mapping[str, RaterScores], a: str, b: str
     ``truth`` and ``raters`` serve only each rater's own scores, never their pairing."""
     z, p = delong if delong is not None else (None, None)
     found, notes = agreement(*tables, confidence)
-    entry = {"a": a, "b": b, "auc_a": _number(auc[0]), "auc_b": _number(auc[1]), "z": z, "p": p, **found,
-             "matched": matched_points(truth, raters[a], raters[b], confidence)}
-    notes = ([no_delong] if delong is None else []) + notes
+    infinite = z is not None and bool(np.isinf(z))  # JSON has no ±inf: Z null, p (0) kept, a note says why
+    entry = {"a": a, "b": b, "auc_a": _number(auc[0]), "auc_b": _number(auc[1]), "z": None if infinite else z,
+             "p": p, **found, "matched": matched_points(truth, raters[a], raters[b], confidence)}
+    notes = ([no_delong] if delong is None else []) + [INFINITE_Z] * infinite + notes
     if notes:
         entry["note"] = "; ".join(notes)
     return entry

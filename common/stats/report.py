@@ -154,7 +154,11 @@ def _delong_grid(result: Mapping[str, Any], focus: str | None) -> list[str]:
         cells = []
         for c in _focused(table, focus):
             sign = -1 if focus is not None and c["b"] == focus else 1  # the focus rater first
-            cells += ["n/e" if c["z"] is None else f"{sign * c['z']:.3f}", _p(c["p"])]
+            if c["z"] is not None:
+                z = f"{sign * c['z']:.3f}"
+            else:  # null: not estimable, or infinite (p = 0; `analysis.INFINITE_Z`)
+                z = "n/e" if c["p"] is None else ("+∞" if sign * (c["auc_a"] - c["auc_b"]) > 0 else "−∞")
+            cells += [z, _p(c["p"])]
         lines.append(f"| {_title(group)} (n = {table['n_cases']}) | {' | '.join(cells)} |")
     return lines
 
