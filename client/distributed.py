@@ -9,7 +9,6 @@ it comes back, is the caller's (`client.train`).
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -17,12 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from common.loopback import free_port
 
 
 def rank_and_world() -> tuple[int, int]:

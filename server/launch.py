@@ -38,6 +38,7 @@ import tomli_w
 
 from common.cli import main as fedmammo
 from common.config import load_config
+from common.loopback import free_port
 from common.sites import site_folders
 from server.console import APP_DIR, MARKER
 
@@ -85,12 +86,6 @@ def _executable(name: str) -> str:
     """A Flower command from this interpreter's environment (a venv need not be on PATH)."""
     local = Path(sys.executable).with_name(name)
     return str(local) if local.exists() else name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_connection(home: Path, name: str, address: str, root_certificates: Path | None = None) -> None:
