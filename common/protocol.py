@@ -280,10 +280,7 @@ def decode(array: Array) -> np.ndarray:
     if array.dtype not in TRANSFER_DTYPES or len(array.shape) != 1 or len(array.data) != 2 * array.shape[0]:
         raise ProtocolError(f"weights are {array.dtype}{list(array.shape)} in {len(array.data)} bytes, "
                             f"expected one array of {', '.join(TRANSFER_DTYPES)}")
-    bits = np.frombuffer(array.data, dtype="<u2")
-    if array.dtype == "float16":
-        return bits.view("<f2").astype(np.float32)
-    return (bits.astype(np.uint32) << 16).view(np.float32)  # bfloat16: the top half of a float32
+    return torch.frombuffer(bytearray(array.data), dtype=TRANSFER_DTYPES[array.dtype]).float().numpy()
 
 
 def pack_weights(state: Mapping[str, torch.Tensor], keys: Sequence[str], dtype: str = "float32"
