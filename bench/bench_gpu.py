@@ -140,8 +140,13 @@ def federation_table(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_gpu_federation_") as tmp:
         config = Path(tmp) / "config.toml"
         text = (ROOT / "configs" / "gpu.toml").read_text()
-        config.write_text(text.replace("image_size = [1024, 832]", f"image_size = [{size[0]}, {size[1]}]")
-                          .replace('precision = "auto"', f'precision = "{precision}"'))
+        settings = {"image_size = [1024, 832]": f"image_size = [{size[0]}, {size[1]}]",
+                    'precision = "auto"': f'precision = "{precision}"'}
+        for line, setting in settings.items():  # gpu.toml's study setting, at this size and precision
+            if line not in text:
+                raise SystemExit(f"configs/gpu.toml no longer holds {line!r}: update bench_gpu.py")
+            text = text.replace(line, setting)
+        config.write_text(text)
         data = Path(tmp) / "data"
         # Matrices near the detector's (scale 0.5: ~1700×1300), so decoding and resizing are realistic.
         train, test = (",".join([str(n)] * args.federation) for n in (args.exams, 16))
@@ -151,10 +156,9 @@ def federation_table(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         outcome = simulate(data, {"config": str(config), "num-server-rounds": args.rounds, "local-epochs": 1,
                                   "out-dir": str(Path(tmp) / "run")},
+                           cpus_per_site=1, gpus_per_site=gpus / args.federation,
                            federation_config={"init-args-num-cpus": len(os.sched_getaffinity(0)),
-                                              "init-args-num-gpus": gpus,
-                                              "client-resources-num-cpus": 1,
-                                              "client-resources-num-gpus": gpus / args.federation})
+                                              "init-args-num-gpus": gpus})
         wall = time.perf_counter() - started
         report = json.loads(next((Path(tmp) / "run").rglob("report.json")).read_text())
     print(f"\n{args.federation} sites sharing {gpus} GPU(s), {args.exams} training exams each, "
