@@ -63,16 +63,19 @@ rounds = 3
 values = 1
 min-nodes = 3
 import-torch = false
+aggregate = false
 """
 NOOP_APP = '''\
-"""A bare Flower app: the server sends a model-sized float32 array, each ClientApp sends it back + 1."""
+"""A bare Flower app: the server sends a model-sized float32 array, each ClientApp sends it back + 1; with
+`aggregate`, the server averages the replies with Flower's own FedAvg aggregation and sends that next."""
 import time
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 server = ServerApp()
 client = ClientApp()
@@ -84,20 +87,24 @@ def train(msg: Message, context: Context) -> Message:
         import torch  # noqa: F401
         import torchvision  # noqa: F401
     weights = msg.content["arrays"]["weights"].numpy() + 1
-    return Message(RecordDict({"arrays": ArrayRecord({"weights": Array(weights)})}), reply_to=msg)
+    return Message(RecordDict({"arrays": ArrayRecord({"weights": Array(weights)}),
+                               "metrics": MetricRecord({"num-examples": 8})}), reply_to=msg)
 
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
     weights = np.random.default_rng(0).random(int(context.run_config["values"]), dtype=np.float32)
+    aggregate = None  # with `aggregate`: the last round's FedAvg aggregate, sent instead of `weights`
     while len(list(grid.get_node_ids())) < int(context.run_config["min-nodes"]):
         time.sleep(0.5)
     for r in range(1, int(context.run_config["rounds"]) + 1):
         started = time.perf_counter()
-        content = RecordDict({"arrays": ArrayRecord({"weights": Array(weights)})})
+        content = RecordDict({"arrays": aggregate or ArrayRecord({"weights": Array(weights)})})
         replies = grid.send_and_receive([Message(content, message_type=MessageType.TRAIN, dst_node_id=n)
                                          for n in grid.get_node_ids()])
         assert all(not m.has_error() for m in replies), [m.error for m in replies if m.has_error()]
+        if context.run_config["aggregate"]:
+            aggregate = aggregate_arrayrecords([m.content for m in replies], "num-examples")
         log(20, "[fedmammo] noop round %d %.3f", r, time.perf_counter() - started)
 '''
 
@@ -123,10 +130,9 @@ PHASES = {
     "center: FedAvg aggregation": ("flwr.serverapp.strategy.fedavg", "FedAvg.aggregate_train"),
     "center: checkpoint + metrics.csv (the copy; the write runs beside the next round)":
         ("server.app", "checkpoint_writer"),
-    "site: a fresh model holding the global weights": ("client.app", "_global_model"),
+    "site: the global weights loaded into a lent model": ("client.app", "_global_model"),
     "site: prepared site (cached in the process)": ("client.app", "_prepared"),
     "site: reply weights packed into one array": ("client.app", "pack_weights"),
-    "site: local state saved (BatchNorm counters)": ("client.app", "save_checkpoint"),
     "site: local training (not overhead)": ("client.app", "train_epochs"),
 }
 """Where fedmammo's own time goes, per round: the functions timed in the in-process run."""
@@ -224,20 +230,22 @@ def main() -> None:
     # slowest site's training is the round's critical path (with 2 CPUs, one site would wait for another)
     at_once = {"init-args-num-cpus": 3}
     sim_rounds: list[tuple[float, float]] = []
-    bare_rounds: list[float] = []
-    for i in range(args.repeats):  # alternated, so that a change in the machine's load hits both alike
-        bare: list[str] = []
-        home = runs / f"noop-sim-flower-{i}"  # the bare app in a simulation federation of the same size
-        home.mkdir(parents=True, exist_ok=True)
-        with superlink(home, simulation=True) as address:
-            write_connection(home, "sim", address)
-            flwr_run(home, "sim", noop_config, app=noop, echo=bare.append,
-                     federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1, **at_once})
-        bare_rounds += _noop_rounds(bare)[1:]  # round 1 also starts the processes
+    bare_rounds: dict[bool, list[float]] = {False: [], True: []}  # without, with Flower's FedAvg aggregation
+    for i in range(args.repeats):  # alternated, so that a change in the machine's load hits all alike
+        for aggregate in (False, True):
+            bare: list[str] = []
+            home = runs / f"noop-sim-flower-{i}-{aggregate}"  # the bare app in a federation of the same size
+            home.mkdir(parents=True, exist_ok=True)
+            with superlink(home, simulation=True) as address:
+                write_connection(home, "sim", address)
+                flwr_run(home, "sim", {**noop_config, "aggregate": aggregate}, app=noop, echo=bare.append,
+                         federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1, **at_once})
+            bare_rounds[aggregate] += _noop_rounds(bare)[1:]  # round 1 also starts the processes
         sim = simulate(data, {**run, "out-dir": str(runs / f"sim-{i}")}, home=runs / f"sim-flower-{i}",
                        federation_config=at_once)
         sim_rounds += _rounds(runs / f"sim-{i}")[1:]
-    results["simulation"] = (sim_rounds, bare_rounds, sim)
+    results["simulation"] = (sim_rounds, bare_rounds[False], sim)
+    results["simulation, against the bare app + Flower's FedAvg"] = (sim_rounds, bare_rounds[True], sim)
 
     if args.simulation_only:
         _print_overhead(args.rounds, values, results)

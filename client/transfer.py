@@ -23,6 +23,6 @@ def transfer_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
-    update = reply.content[ARRAYS][WEIGHTS].numpy() - received
+    update = decode(reply.content[ARRAYS][WEIGHTS]) - received
     reply.content[ARRAYS] = ArrayRecord({UPDATE: encode(torch.from_numpy(update), dtype)})
     return reply

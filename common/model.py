@@ -161,6 +161,14 @@ def build_model(config: ModelConfig, bilateral: bool) -> DualViewDenseNet:
     )
 
 
+def unused_entries(model: nn.Module) -> set[str]:
+    """State-dict entries that never change what `model` computes: BatchNorm's step counters where the layer
+    has a momentum (torch reads `num_batches_tracked` only for a cumulative average, momentum None)."""
+    return {f"{name}.num_batches_tracked" for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None
+            and module.track_running_stats}
+
+
 def malignancy_score(logits: Tensor) -> Tensor:
     """Malignancy logits → score 0–100."""
     return 100.0 * torch.sigmoid(logits.float())

@@ -51,7 +51,13 @@ def inspect_update(reply: Message, sent: Mapping[str, np.ndarray], clip_to: floa
             if (tuple(got.shape), np.dtype(got.dtype)) != (expected.shape, expected.dtype):
                 return (f"weights {name!r} are {got.dtype}{list(got.shape)}, "
                         f"expected {expected.dtype}{list(expected.shape)}"), math.nan
-            diff = (got.numpy() - expected).ravel()
+            try:
+                values = decode(got)  # what the data holds, whatever the Array's shape says
+            except ProtocolError as exc:
+                return f"weights {name!r}: {exc}", math.nan
+            if values.shape != expected.shape:
+                return f"weights {name!r} hold {values.size} values, expected {expected.size}", math.nan
+            diff = values - expected
         # float32 throughout (3× faster than float64; relative error ~1e-5 over 7 M weights, far below any
         # threshold's precision). The global weights are finite, so the sum of squares is not finite
         # exactly when the site's weights hold NaN or Inf (or are absurdly far off, which fails anyway).
@@ -79,7 +85,7 @@ def screen_updates(replies: Sequence[Message], sent: ArrayRecord, what: str, *, 
     times the median norm of the round's other well-formed updates (0: off; needs another update);
     `clip_to`: see `inspect_update`."""
     reasons, kept, norms = [], [], {}
-    decoded = {name: array.numpy() for name, array in sent.items()}  # once, not once per site
+    decoded = {name: decode(array) for name, array in sent.items()}  # once, not once per site
     for reply in replies:
         problem, norms[id(reply)] = inspect_update(reply, decoded, clip_to)
         if problem:

@@ -3,6 +3,8 @@ checkpoints and resume, failing sites, strategies, FedBN, and the federated eval
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import csv
 import dataclasses
 import json
@@ -25,6 +27,7 @@ from flwr.serverapp.strategy import (
 )
 from test_federation_support import predictions, run_in_process, truth_and
 
+import client.app
 import server.state
 from client.train import load_weights
 from common.checkpoint import config_of, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -265,6 +268,40 @@ def test_exchanged_weights_leave_batchnorm_counters_and_with_fedbn_every_batchno
     assert "features.norm0.running_mean" in averaged and "features.norm0.num_batches_tracked" not in averaged
     assert not [k for k in fedbn if "norm" in k]
     assert "features.conv0.weight" in fedbn and "malignancy.bias" in fedbn
+
+
+def test_a_model_lent_from_message_to_message_trains_exactly_as_a_fresh_copy(sites, config, tmp_path,
+                                                                           monkeypatch):
+    """In one process, as in a simulation worker, every site's messages get the same lent model in turn
+    (`client.app._lent_model`): nothing of one message (weights, FedBN's BatchNorm layers and counters,
+    gradients) may reach the next, so the run equals one with a fresh copy of the model for each message."""
+    run = {"config": config, "num-server-rounds": 2, "local-steps": 1, "batchnorm": "local", "eval-every": 0}
+    run_in_process(sites, {**run, "out-dir": str(tmp_path / "lent")})
+
+    @contextlib.contextmanager
+    def fresh(config_toml: str):
+        yield copy.deepcopy(client.app._model_template(config_toml))
+
+    monkeypatch.setattr(client.app, "_lent_model", fresh)
+    run_in_process(sites, {**run, "out-dir": str(tmp_path / "fresh")})
+    lent, fresh_run = (load_checkpoint(tmp_path / out / "checkpoints" / "round-0002.safetensors").tensors
+                       for out in ("lent", "fresh"))
+    assert all(torch.equal(lent[k], fresh_run[k]) for k in lent)
+    for site in ("site1_helion", "site2_nordvik", "site3_kestrel"):
+        [a], [b] = (list((tmp_path / out / "sites" / site).glob(f"runs/*/{SITE_MODEL}"))
+                    for out in ("lent", "fresh"))
+        kept_a, kept_b = load_checkpoint(a).tensors, load_checkpoint(b).tensors
+        assert kept_a.keys() == kept_b.keys() and all(torch.equal(kept_a[k], kept_b[k]) for k in kept_a), site
+
+
+def test_a_message_that_fails_does_not_give_its_lent_model_back():
+    with client.app._lent_model("") as model:
+        pass
+    with pytest.raises(RuntimeError), client.app._lent_model("") as failed:
+        assert failed is model  # given back after a message that succeeded
+        raise RuntimeError("training failed half-way")
+    with client.app._lent_model("") as after:
+        assert after is not failed
 
 
 def test_weights_travel_as_one_array_and_come_back_exactly():

@@ -4,12 +4,14 @@ test_federation_support)."""
 
 from __future__ import annotations
 
+import io
 import logging
 from typing import ClassVar
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SType
 from flwr.supercore.task_identity import TaskIdentity
 from test_federation_support import InProcessGrid, run_in_process
 
@@ -24,13 +26,24 @@ from server.state import exchanged_keys
 SENT = ArrayRecord({WEIGHTS: Array(np.zeros(6, dtype=np.float32))})
 
 
-def reply(site: str, weights: np.ndarray | None, examples: float = 8) -> Message:
+def reply(site: str, weights: np.ndarray | Array | None, examples: float = 8) -> Message:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # as in a ServerApp
     content = RecordDict({"metrics": MetricRecord({"num-examples": examples}),
                           "site": ConfigRecord({"name": site})})
     if weights is not None:
-        content["arrays"] = ArrayRecord({WEIGHTS: Array(weights)})
+        content["arrays"] = ArrayRecord({WEIGHTS: weights if isinstance(weights, Array) else Array(weights)})
     return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def lying(data: bytes) -> Array:
+    """An Array whose metadata says float32[6] whatever its data holds (a broken or hostile site's)."""
+    return Array(dtype="float32", shape=(6,), stype=SType.NUMPY, data=data)
+
+
+def npy(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, values)
+    return buffer.getvalue()
 
 
 def ok(site: str, scale: float = 1.0) -> Message:
@@ -52,6 +65,10 @@ def flower_log(caplog):
     (np.zeros((2, 3), dtype=np.float32), 8, "are float32[2, 3], expected float32[6]"),
     (np.zeros(6, dtype=np.float64), 8, "are float64[6], expected float32[6]"),
     (None, 8, "its weights are [], expected ['weights']"),
+    (lying(npy(np.zeros(5, dtype=np.float32))), 8, "hold 5 values, expected 6"),
+    (lying(npy(np.zeros(6, dtype=np.float64))), 8, "are float64[6], expected one float32 array"),
+    (lying(b"\x93NUMPY garbage"), 8, "not a readable numpy array"),
+    (lying(npy(np.zeros(6, dtype=np.float32))[:-4]), 8, "not a readable numpy array"),
     (np.zeros(6, dtype=np.float32), 0, "num-examples is 0"),
     (np.zeros(6, dtype=np.float32), float("nan"), "num-examples is nan"),
     (np.full(6, 10, dtype=np.float32), 8, "more than 10× the median"),
