@@ -231,6 +231,8 @@ def main() -> None:
     at_once = {"init-args-num-cpus": 3}
     sim_rounds: list[tuple[float, float]] = []
     bare_rounds: dict[bool, list[float]] = {False: [], True: []}  # without, with Flower's FedAvg aggregation
+    run_bare: dict[bool, list[float]] = {False: [], True: []}  # each run's median round, to show the spread
+    run_overhead: list[float] = []
     for i in range(args.repeats):  # alternated, so that a change in the machine's load hits all alike
         for aggregate in (False, True):
             bare: list[str] = []
@@ -240,15 +242,20 @@ def main() -> None:
                 write_connection(home, "sim", address)
                 flwr_run(home, "sim", {**noop_config, "aggregate": aggregate}, app=noop, echo=bare.append,
                          federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1, **at_once})
-            bare_rounds[aggregate] += _noop_rounds(bare)[1:]  # round 1 also starts the processes
+            bare_rounds[aggregate] += (this_bare := _noop_rounds(bare)[1:])  # round 1 starts the processes
+            run_bare[aggregate].append(statistics.median(this_bare))
         sim = simulate(data, {**run, "out-dir": str(runs / f"sim-{i}")}, home=runs / f"sim-flower-{i}",
                        federation_config=at_once)
-        sim_rounds += _rounds(runs / f"sim-{i}")[1:]
+        sim_rounds += (this_run := _rounds(runs / f"sim-{i}")[1:])
+        run_overhead.append(statistics.median(wall - compute for wall, compute in this_run))
     results["simulation"] = (sim_rounds, bare_rounds[False], sim)
     results["simulation, against the bare app + Flower's FedAvg"] = (sim_rounds, bare_rounds[True], sim)
 
     if args.simulation_only:
         _print_overhead(args.rounds, values, results)
+        for aggregate, label in ((False, "the bare app"), (True, "the bare app + Flower's FedAvg")):
+            ratios = ", ".join(f"{o / b:.2f}" for o, b in zip(run_overhead, run_bare[aggregate], strict=True))
+            print(f"\nEach run's fedmammo / Flower against {label} (medians of its rounds): {ratios}")
         _print_breakdown(data, run, runs, args.rounds)
         return
     certs = runs / "certs"

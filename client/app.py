@@ -26,7 +26,7 @@ import functools
 import json
 import threading
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -157,6 +157,13 @@ def _model_template(config_toml: str) -> nn.Module:
     return build_model(dataclasses.replace(config.model, pretrained=None), config.data.bilateral)
 
 
+@functools.lru_cache(maxsize=2)
+def _template_state(config_toml: str) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
+    """The template's state dict (read only: the template is never trained) and its `unused_entries`."""
+    template = _model_template(config_toml)
+    return template.state_dict(), frozenset(unused_entries(template))
+
+
 _free_models: dict[str, list[nn.Module]] = {}
 _free_lock = threading.Lock()
 
@@ -181,7 +188,7 @@ def _lent_model(config_toml: str) -> Iterator[nn.Module]:
 def _global_model(model: nn.Module, msg: Message, job: _Job, last_round: int) -> nn.Module:
     """`model` holding the global weights, this site's own kept state (`_kept_state`) for what the server
     does not send, and the template's for the rest (BatchNorm's unused step counters)."""
-    like = _model_template(job.task.fedmammo_config).state_dict()
+    like, _ = _template_state(job.task.fedmammo_config)
     kept = [p for p in sorted(job.folder.glob("local-state/round-*.safetensors"))
             if int(p.stem.removeprefix("round-")) <= last_round]
     local = load_checkpoint(kept[-1]).tensors if kept else {}
@@ -194,10 +201,13 @@ def _global_model(model: nn.Module, msg: Message, job: _Job, last_round: int) ->
     return model
 
 
-def _kept_state(model: nn.Module, weight_keys: Sequence[str]) -> dict[str, torch.Tensor]:
+def _kept_state(model: nn.Module, job: _Job) -> dict[str, torch.Tensor]:
     """What the site keeps of its trained model for its next round: the entries the server does not
     average (FedBN's BatchNorm layers), except BatchNorm's step counters where torch never reads them."""
-    skip = set(weight_keys) | unused_entries(model)
+    like, unused = _template_state(job.task.fedmammo_config)
+    skip = unused.union(job.task.weight_keys)
+    if all(k in skip for k in like):
+        return {}
     return {k: v for k, v in model.state_dict().items() if k not in skip}
 
 
@@ -226,7 +236,7 @@ def _train(msg: Message, job: _Job, task: TrainInstruction, data: ExamSet, model
     stats = train_epochs(model, data, job.config, epochs=epochs, steps=steps, generator=job.seed(job.round),
                          global_weights=anchor, mu=task.proximal_mu, progress=False, private=private,
                          position=((job.round - 1) * per_round, task.num_server_rounds * per_round))
-    if kept := _kept_state(model, task.weight_keys):
+    if kept := _kept_state(model, job):
         save_checkpoint(job.folder / "local-state" / f"round-{job.round:04d}.safetensors", kept,
                         {"site": job.site.name, "round": job.round})
     if private is not None:

@@ -41,6 +41,7 @@ from common.config import load_config
 from common.loopback import free_port
 from common.sites import site_folders
 from server.console import APP_DIR, MARKER
+from server.settings import app_defaults
 
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -248,11 +249,6 @@ def _read_from(path: Path, offset: int) -> str:
 def node_config_text(values: Mapping[str, Any]) -> str:
     """Flower's `--node-config` / `--run-config` syntax: `key="text" n=3 flag=true`."""
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
-
-
-def app_defaults(app: Path = APP_DIR) -> dict[str, Any]:
-    """The run config's keys and defaults, `[tool.flwr.app.config]` of the app's pyproject."""
-    return tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
 def _check_run_config(run_config: Mapping[str, Any], app: Path) -> None:

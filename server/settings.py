@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,11 @@ RESUMABLE = frozenset({"num-server-rounds", "round-timeout", "node-wait-timeout"
                        "stats-min-count", "resume"})
 """Run-config keys that may change when a run is resumed: they do not change the trained weights
 (`num-server-rounds` only where no schedule depends on it: `common.checkpoint.resume_problems`)."""
+
+
+def app_defaults(app: Path = APP_DIR) -> dict[str, Any]:
+    """The run config's keys and defaults, `[tool.flwr.app.config]` of the app's pyproject."""
+    return tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
 def _rule(key: str | None = None, *, choices: tuple[str, ...] = (), low: float | None = None,

@@ -38,7 +38,7 @@ from common.model import initial_model
 from common.preprocess import VERSION as INPUTS_VERSION
 from common.protocol import WEIGHTS, pack_weights, unpack_weights
 from server.console import MARKER
-from server.settings import RESUMABLE, Settings
+from server.settings import RESUMABLE, Settings, app_defaults
 
 _STRATEGY_STATE = ("m_t", "v_t", "momentum_vector")
 """Strategy attributes carried from round to round (FedAdam's moments, FedAvgM's momentum)."""
@@ -139,7 +139,9 @@ def start(settings: Settings, run_config: Mapping[str, Any], config_text: str, s
                               f"{meta.get('inputs', 1)}; this fedmammo makes version {INPUTS_VERSION}: "
                               "choose another out-dir")
     try:
-        stored = _run_settings(meta["run-config"], meta["fedmammo-config"], f"{latest} (stored config)")
+        # a key a later fedmammo added counts as its default (a new key's default keeps the old behaviour)
+        stored = _run_settings({**app_defaults(), **meta["run-config"]}, meta["fedmammo-config"],
+                               f"{latest} (stored config)")
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{latest}: the run's stored settings cannot be read ({exc})") from exc
     # The config file may move (its settings are compared one by one); train.epochs is not a federated

@@ -206,6 +206,21 @@ def test_resume_refuses_another_round_count_under_a_cosine_schedule(sites, confi
                            "round-timeout": 60.0})
 
 
+def test_a_run_checkpointed_before_a_run_config_key_existed_resumes_with_its_default(sites, config, tmp_path):
+    """Upgrading fedmammo mid-study: a run-config key the checkpoint's stored settings do not hold (added by
+    a later version, here `transfer-dtype`) counts as its default; another value is still refused."""
+    run = {"config": config, "eval-every": 0, "local-steps": 1, "out-dir": str(tmp_path / "run")}
+    run_in_process(sites, {**run, "num-server-rounds": 1})
+    path = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    stored = load_checkpoint(path)
+    older = {k: v for k, v in stored.metadata["run-config"].items() if k != "transfer-dtype"}
+    save_checkpoint(path, stored.tensors, {**stored.metadata, "run-config": older})
+    with pytest.raises(ValueError, match=r"transfer-dtype = 'float32' \(now 'bfloat16'\)"):
+        run_in_process(sites, {**run, "num-server-rounds": 2, "resume": True, "transfer-dtype": "bfloat16"})
+    run_in_process(sites, {**run, "num-server-rounds": 2, "resume": True})
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "round-0002.safetensors"
+
+
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_its_error(sites, config, tmp_path,
                                                                           monkeypatch):
     """Checkpoints are written beside the next round (`server.state.checkpoint_writer`): a failed write must
@@ -316,7 +331,7 @@ def test_weights_travel_as_one_array_and_come_back_exactly():
 
 
 def test_settings_name_the_wrong_key(tmp_path):
-    from server.launch import app_defaults
+    from server.settings import app_defaults
     good = {**app_defaults(), "out-dir": str(tmp_path)}
     assert Settings.from_run_config(good).strategy == "fedavg"
     with pytest.raises(ValueError, match="strategy = 'fedsgd': expected one of fedavg"):

@@ -12,8 +12,9 @@ from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from server.certs import run as certs
-from server.launch import LaunchError, app_defaults, flwr_run, node_config_text, write_connection
+from server.launch import LaunchError, flwr_run, node_config_text, write_connection
 from server.launch import run as federate
+from server.settings import app_defaults
 
 
 def test_certs_verify_for_every_named_host_and_are_not_overwritten(tmp_path, capsys):

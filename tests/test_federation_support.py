@@ -34,7 +34,7 @@ from client.app import app as client_app
 from common.sites import site_folders
 from common.synth.generate import CohortSpec, generate
 from server.app import app as server_app
-from server.launch import app_defaults
+from server.settings import app_defaults
 
 TINY_CONFIG = """\
 [data]

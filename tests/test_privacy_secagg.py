@@ -18,9 +18,9 @@ from common.checkpoint import load_checkpoint
 from common.config import load_config
 from common.model import initial_model
 from common.protocol import WEIGHTS, pack_weights
-from server.launch import app_defaults, simulate
+from server.launch import simulate
 from server.secagg import QUANTIZATION_LEVELS
-from server.settings import Settings
+from server.settings import Settings, app_defaults
 from server.state import exchanged_keys
 
 

@@ -9,8 +9,7 @@ import pytest
 from test_federation_support import InProcessGrid, run_in_process
 
 from server import privacy, strategy
-from server.launch import app_defaults
-from server.settings import CENTRAL_DP_MODES, STRATEGIES, Settings
+from server.settings import CENTRAL_DP_MODES, STRATEGIES, Settings, app_defaults
 
 
 @pytest.fixture
