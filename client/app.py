@@ -10,8 +10,10 @@
   site's cases, read back from its prediction file.
 
 Messages and replies are built and read by `common.protocol`, the one place that knows the wire format.
-Weights the server does not send stay at the site (the BatchNorm layers with FedBN, BatchNorm's step
-counters always), kept per run and round in the site's output folder so that a resumed run finds them.
+Weights the server does not send stay at the site (the BatchNorm layers with FedBN), kept per run and round
+in the site's output folder so that a resumed run finds them; BatchNorm's step counters, which torch never
+reads where a layer has a momentum, are not kept (`common.model.unused_entries`). A process lends one model
+per message in progress and reuses it for the next (`_lent_model`), every entry of its state overwritten.
 A site's data folder, output folder and name come from its SuperNode's node config (`data-path`,
 `output-path`, `site-name`); in simulation virtual node i is the i-th site folder of the run config's
 `data-root`, with its output in `out-dir`/sites/NAME.
