@@ -308,6 +308,14 @@ def decode(array: Array) -> np.ndarray:
     return torch.frombuffer(bytearray(array.data), dtype=TRANSFER_DTYPES[array.dtype]).float().numpy()
 
 
+def _tensor(values: np.ndarray) -> torch.Tensor:
+    """`decode`'s values as a tensor sharing their memory, to be read only (torch warns that it cannot mark a
+    tensor read-only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(values)
+
+
 def pack_weights(state: Mapping[str, torch.Tensor], keys: Sequence[str], dtype: str = "float32"
                  ) -> ArrayRecord:
     """The weights named `keys`, flattened into one Array of `dtype` (see the module docstring for why)."""
@@ -319,7 +327,7 @@ def cast_weights(arrays: ArrayRecord, dtype: str) -> ArrayRecord:
     """Packed float32 weights as sent in `dtype` (the same record for float32)."""
     if dtype == "float32":
         return arrays
-    return ArrayRecord({WEIGHTS: encode(torch.from_numpy(decode(arrays[WEIGHTS])), dtype)})
+    return ArrayRecord({WEIGHTS: encode(_tensor(decode(arrays[WEIGHTS])), dtype)})
 
 
 def transfer_dtype(arrays: ArrayRecord) -> str:
@@ -333,9 +341,7 @@ def unpack_weights(arrays: ArrayRecord, keys: Sequence[str], like: Mapping[str, 
     of the message's bytes: read them (copy them into a model), never change them in place."""
     if unknown := [k for k in keys if k not in like]:
         raise ProtocolError(f"the global weights do not fit this model (config mismatch): {unknown[:3]}")
-    with warnings.catch_warnings():  # "not writable": these tensors are only read (above)
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.from_numpy(decode(arrays[WEIGHTS]))
+    flat = _tensor(decode(arrays[WEIGHTS]))
     sizes = [like[k].numel() for k in keys]
     if sum(sizes) != flat.numel():
         raise ProtocolError(f"the global weights hold {flat.numel()} values; this model's {len(keys)} "
