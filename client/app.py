@@ -177,6 +177,8 @@ def _lent_model(config_toml: str) -> Iterator[nn.Module]:
     state is overwritten by `_global_model`, so nothing of one site's message reaches the next. A message
     that fails does not give its model back (it may hold anything)."""
     with _free_lock:
+        for other in [key for key in _free_models if key != config_toml]:
+            del _free_models[other]  # a worker that serves a new run lets the last run's models go
         free = _free_models.setdefault(config_toml, [])
         model = free.pop() if free else None
     if model is None:

@@ -39,10 +39,16 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
     def place(self, model: nn.Module) -> nn.Module:
-        if any(t.device != self.device for t in itertools.chain(model.parameters(), model.buffers())):
-            model.to(self.device)  # a model lent again (`client.app`) is already there: `to` walks ~1,200
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)
+        """`model` on this device, its convolution weights in this memory format either way (a model lent
+        from message to message, `client.app`, may come from a runtime with another). A model already
+        placed is left alone: `to` walks its ~1,200 tensors."""
+        device = self.device
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        if any(t.device != device or (t.dim() == 4 and not t.is_contiguous(memory_format=layout))
+               for t in itertools.chain(model.parameters(), model.buffers())):
+            model.to(device, memory_format=layout)
         return model
 
     def compiled(self, model: nn.Module) -> nn.Module:

@@ -141,6 +141,8 @@ class PrivateSGD:
         """Take the steps trained into the account; the model loses Opacus's hooks."""
         assert self._engine is not None and self._module is not None
         self.history = [tuple(h) for h in self._engine.accountant.history]
+        assert self._optimizer is not None
+        self._optimizer.zero_grad(set_to_none=True)  # the last batch's per-exam and clipped sums go too
         self._module.to_standard_module()
         self._module = self._engine = self._optimizer = None
 

@@ -90,23 +90,24 @@ class Metrics:
                 + (f", {unknown} without pathology" if unknown else "") + ")")
 
 
-@torch.inference_mode()
 def predict(
     model: nn.Module, data: ExamSet, config: Config, runtime: Runtime | None = None
 ) -> Predictions:
     """Score every exam of `data` in eval mode (the model is put on the runtime's device)."""
     runtime = runtime or resolve_runtime(config.train)
-    runtime.place(model)
-    was_training = model.training
+    runtime.place(model)  # not in inference mode: tensors made there could never train (`client.app` lends
+    was_training = model.training  # the model to the next message)
     model.eval()
     logits, birads = [], []
     plan = chunks(torch.arange(len(data)), config.train.batch_size)
     try:
-        for batch in stream(data, plan, runtime.device, workers=loader_workers(config.data, runtime.device)):
-            with runtime.autocast():
-                out = model(batch.views)
-            logits.append(out["malignancy"].float().cpu())
-            birads.append(out["birads"].float().cpu())
+        with torch.inference_mode():
+            for batch in stream(data, plan, runtime.device,
+                                workers=loader_workers(config.data, runtime.device)):
+                with runtime.autocast():
+                    out = model(batch.views)
+                logits.append(out["malignancy"].float().cpu())
+                birads.append(out["birads"].float().cpu())
     finally:
         model.train(was_training)
     if not logits:

@@ -269,7 +269,7 @@ def _train_distributed(model: nn.Module, data: ExamSet, config: Config, runtime:
 def _train_process(rank: int, device: torch.device, folder: Path, data: ExamSet, config: Config,
                    runtime: Runtime, seed: int, options: dict[str, Any]) -> None:
     """One process of `_train_distributed`."""
-    start = torch.load(folder / "start.pt", weights_only=True)
+    start = torch.load(folder / "start.pt", weights_only=True, map_location="cpu")  # not where rank 0's were
     model = build_model(dataclasses.replace(config.model, pretrained=None), config.data.bilateral)
     model.load_state_dict(start["model"])
     runtime = dataclasses.replace(runtime, device=device, processes=1)

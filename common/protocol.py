@@ -286,10 +286,12 @@ def _npy_values(array: Array) -> np.ndarray:
         if read_header is None:
             return array.numpy()
         shape, fortran, dtype = read_header(buffer)
+        if any(size < 0 for size in shape):
+            raise ValueError(f"shape {shape}")
         values = np.frombuffer(array.data, dtype, math.prod(shape), buffer.tell())
+        return values.reshape(shape, order="F" if fortran else "C")
     except ValueError as exc:
         raise ProtocolError(f"weights are not a readable numpy array: {exc}") from exc
-    return values.reshape(shape, order="F" if fortran else "C")
 
 
 def decode(array: Array) -> np.ndarray:

@@ -48,7 +48,11 @@ def inspect_update(reply: Message, sent: Mapping[str, np.ndarray], clip_to: floa
                 return f"its update holds {diff.size} values, expected {expected.size}", math.nan
         else:
             got = arrays[name]
-            if (tuple(got.shape), np.dtype(got.dtype)) != (expected.shape, expected.dtype):
+            try:
+                dtype = np.dtype(got.dtype)
+            except TypeError:
+                return f"weights {name!r} are of an unknown type {got.dtype!r}", math.nan
+            if (tuple(got.shape), dtype) != (expected.shape, expected.dtype):
                 return (f"weights {name!r} are {got.dtype}{list(got.shape)}, "
                         f"expected {expected.dtype}{list(expected.shape)}"), math.nan
             try:

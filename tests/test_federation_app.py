@@ -290,8 +290,8 @@ def test_a_model_lent_from_message_to_message_trains_exactly_as_a_fresh_copy(sit
     """In one process, as in a simulation worker, every site's messages get the same lent model in turn
     (`client.app._lent_model`): nothing of one message (weights, FedBN's BatchNorm layers and counters,
     gradients) may reach the next, so the run equals one with a fresh copy of the model for each message."""
-    run = {"config": config, "num-server-rounds": 2, "local-steps": 1, "batchnorm": "local", "eval-every": 0}
-    run_in_process(sites, {**run, "out-dir": str(tmp_path / "lent")})
+    run = {"config": config, "num-server-rounds": 2, "local-steps": 1, "batchnorm": "local", "eval-every": 1}
+    run_in_process(sites, {**run, "out-dir": str(tmp_path / "lent")})  # evaluations between trainings too
 
     @contextlib.contextmanager
     def fresh(config_toml: str):

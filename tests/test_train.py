@@ -233,6 +233,21 @@ def test_predict_in_eval_mode_keeps_training_mode_and_order() -> None:
     assert all(abs(sum(r["birads_probabilities"].values()) - 1) < 1e-5 for r in records)
 
 
+def test_a_model_scored_in_one_layout_trains_in_another() -> None:
+    """`client.app` lends one model to an evaluation, then to training. Scoring on a GPU puts the convolution
+    weights in channels_last (here forced on the CPU); training's runtime (DP-SGD's: never channels_last)
+    must get them back in its own layout, and as tensors that can train: not made in inference mode."""
+    config = tiny_config(batch_size=4)
+    config.data.image_size = (32, 32)
+    model = DualViewDenseNet(norm="group")
+    predict(model, exam_set([make_site(size=32)], "test"), config,
+            dataclasses.replace(resolve_runtime(config.train), channels_last=True))
+    conv = model.features.denseblock1.denselayer1.conv2  # 3×3: its two layouts differ
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_inference()
+    train_epochs(model, exam_set([make_site(size=32)], "train"), config, steps=1, progress=False)
+    assert conv.weight.is_contiguous() and not conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_runtime_on_cpu() -> None:
     config = tiny_config()
     runtime = resolve_runtime(config.train)
