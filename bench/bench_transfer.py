@@ -95,7 +95,8 @@ def main() -> None:
         payload = len(pack_weights(model.state_dict(), keys, dtype)[WEIGHTS].data)
         if dtype == "float32":
             reference = _scores(run)
-        rows.append((dtype, _auc(evaluation), _versus(_scores(run), reference),
+        versus = "–" if dtype == "float32" else _versus(_scores(run), reference)
+        rows.append((dtype, _auc(evaluation), versus,
                      [_auc(evaluation["subgroups"][SITE_GROUP.format(s)]) for s in sites], payload,
                      time.perf_counter() - started))
     print(f"\n### Transfer precision on the study-like setting ({args.rounds} rounds, FedBN, sites weighted "
