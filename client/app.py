@@ -205,14 +205,12 @@ def _global_model(model: nn.Module, msg: Message, job: _Job, last_round: int) ->
     return model
 
 
-def _kept_state(model: nn.Module, job: _Job) -> dict[str, torch.Tensor]:
-    """What the site keeps of its trained model for its next round: the entries the server does not
-    average (FedBN's BatchNorm layers), except BatchNorm's step counters where torch never reads them."""
-    like, unused = _template_state(job.task.fedmammo_config)
+def _kept_state(state: dict[str, torch.Tensor], job: _Job) -> dict[str, torch.Tensor]:
+    """What the site keeps of its trained model's `state` for its next round: the entries the server does
+    not average (FedBN's BatchNorm layers), except BatchNorm's step counters where torch never reads them."""
+    _, unused = _template_state(job.task.fedmammo_config)
     skip = unused.union(job.task.weight_keys)
-    if all(k in skip for k in like):
-        return {}
-    return {k: v for k, v in model.state_dict().items() if k not in skip}
+    return {k: v for k, v in state.items() if k not in skip}
 
 
 @app.train(mods=[secagg_mod(WEIGHTS), transfer_mod, clipping_mod])
@@ -240,14 +238,15 @@ def _train(msg: Message, job: _Job, task: TrainInstruction, data: ExamSet, model
     stats = train_epochs(model, data, job.config, epochs=epochs, steps=steps, generator=job.seed(job.round),
                          global_weights=anchor, mu=task.proximal_mu, progress=False, private=private,
                          position=((job.round - 1) * per_round, task.num_server_rounds * per_round))
-    if kept := _kept_state(model, job):
+    state = model.state_dict()
+    if kept := _kept_state(state, job):
         save_checkpoint(job.folder / "local-state" / f"round-{job.round:04d}.safetensors", kept,
                         {"site": job.site.name, "round": job.round})
     if private is not None:
         private.save(job.folder, job.round)
     report = TrainReport(num_examples=len(data), loss=stats.loss, steps=stats.steps, seconds=stats.seconds,
                          extra=private.metrics() if private else {})
-    return train_reply(msg, job.site.name, pack_weights(model.state_dict(), task.weight_keys), report)
+    return train_reply(msg, job.site.name, pack_weights(state, task.weight_keys), report)
 
 
 def _local_only_model(job: _Job, task: EvaluateInstruction) -> nn.Module:

@@ -95,8 +95,10 @@ def predict(
 ) -> Predictions:
     """Score every exam of `data` in eval mode (the model is put on the runtime's device)."""
     runtime = runtime or resolve_runtime(config.train)
-    runtime.place(model)  # not in inference mode: tensors made there could never train (`client.app` lends
-    was_training = model.training  # the model to the next message)
+    # placed outside inference mode: tensors made there could never train, and `client.app` lends the model
+    # to the next message
+    runtime.place(model)
+    was_training = model.training
     model.eval()
     logits, birads = [], []
     plan = chunks(torch.arange(len(data)), config.train.batch_size)

@@ -41,7 +41,7 @@ from common.config import load_config
 from common.loopback import free_port
 from common.sites import site_folders
 from server.console import APP_DIR, MARKER
-from server.settings import app_defaults
+from server.settings import Settings, app_defaults
 
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -437,6 +437,10 @@ def simulate(data_root: Path, run_config: Mapping[str, Any], *, home: Path | Non
     `run_config` should be absolute: the ServerApp and ClientApps do not run in this directory.
     """
     _check_run_config(run_config, APP_DIR)  # before any process starts
+    try:  # the ServerApp reads the same settings, but only once Flower and Ray have started
+        Settings.from_run_config({**app_defaults(), **run_config})
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from exc
     check_site_resources(cpus_per_site, gpus_per_site)
     sites = site_folders(data_root)
     if not sites:

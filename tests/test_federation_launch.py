@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from server.certs import run as certs
-from server.launch import LaunchError, flwr_run, node_config_text, write_connection
+from server.launch import LaunchError, flwr_run, node_config_text, simulate, write_connection
 from server.launch import run as federate
 from server.settings import app_defaults
 
@@ -51,6 +51,9 @@ def test_node_config_syntax_and_unknown_run_config_keys(tmp_path):
     assert app_defaults()["strategy"] == "fedavg"
     with pytest.raises(LaunchError, match=r"unknown run-config key\(s\) num-rounds; known: config, "):
         flwr_run(tmp_path, "nowhere", {"num-rounds": 2})
+    # a simulation checks every value before Flower and Ray start (the ServerApp would, seconds later)
+    with pytest.raises(LaunchError, match="transfer-dtype = 'int8': expected one of float32, bfloat16"):
+        simulate(tmp_path, {"out-dir": str(tmp_path / "out"), "transfer-dtype": "int8"}, home=tmp_path)
 
 
 def test_federate_command_reports_bad_arguments_in_one_line(tmp_path, capsys):
